@@ -1,0 +1,159 @@
+"""Command line: `reditus-sidecar serve | demo | sign | check` (also `python -m sidecar`).
+
+Exit codes: 0 success, 1 runtime failure (secret unreadable, cannot listen),
+2 bad configuration or usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+import time
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from . import __version__, logs
+from .config import Settings, load_settings
+from .errors import ConfigError, SourceError
+from .signer import TokenSigner
+
+log = logging.getLogger("sidecar")
+
+EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
+
+
+def _run(main: Callable[[], Coroutine[Any, Any, int]]) -> int:
+    """Run on uvloop when it is installed (the `speed` extra), else plain asyncio."""
+    try:
+        import uvloop
+    except ImportError:
+        loop_factory = None
+    else:
+        loop_factory = uvloop.new_event_loop
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        return runner.run(main())
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    settings = load_settings(config_file=args.config)
+    logs.configure(settings.log_level, settings.log_format)
+    if settings.unknown_env:
+        log.warning(
+            "ignoring unknown variables (typo?)", extra={"detail": ", ".join(settings.unknown_env)}
+        )
+    if settings.secret_source == "vault" and settings.vault.skip_verify:
+        log.warning("VAULT_SKIP_VERIFY is set: Vault's TLS certificate is NOT verified")
+    return settings
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .server import serve
+
+    settings = _settings(args)
+    return _run(lambda: serve(settings))
+
+
+async def _read_all(settings: Settings, metrics: Any = None) -> dict[str, Any]:
+    """Fetch every product once; a product maps to its material or its error."""
+    from .sources.factory import build_sources
+
+    sources = build_sources(settings, metrics)
+    results: dict[str, Any] = {}
+    await sources.start()
+    try:
+        for name, source in sources.sources.items():
+            try:
+                results[name] = await source.fetch()
+            except SourceError as exc:
+                results[name] = exc
+    finally:
+        await sources.close()
+    return results
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    results = _run(lambda: _read_all(settings))
+    failed = False
+    for name, result in results.items():
+        if isinstance(result, SourceError):
+            failed = True
+            print(f"check: product {name}: FAILED: {result}", file=sys.stderr)
+        else:
+            print(
+                f"check: product {name}: ok (product id {result.product_id!r}, "
+                f"version {result.version})"
+            )
+    return EXIT_FAILURE if failed else EXIT_OK
+
+
+def cmd_sign(args: argparse.Namespace) -> int:
+    from .api import ApiError, validate_user_id
+
+    settings = _settings(args)
+    try:
+        user_id = validate_user_id(args.user_id)
+    except ApiError as exc:
+        print(f"sign: {exc.message}", file=sys.stderr)
+        return EXIT_CONFIG
+    if settings.product(args.product) is None:
+        print(f"sign: no product named {args.product!r} is configured", file=sys.stderr)
+        return EXIT_CONFIG
+    results = _run(lambda: _read_all(settings))
+    result = results[args.product]
+    if isinstance(result, SourceError):
+        print(f"sign: product {args.product}: {result}", file=sys.stderr)
+        return EXIT_FAILURE
+    signer = TokenSigner(result.product_id, result.secret, ttl=settings.token_ttl)
+    print(signer.sign(user_id, int(time.time())))
+    return EXIT_OK
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import main as demo_main
+
+    return demo_main(args.demo_args)
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(
+        prog="reditus-sidecar",
+        description="Signs Reditus widget tokens on loopback with a product secret from Vault.",
+    )
+    top.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, help_text: str, handler: Callable[[argparse.Namespace], int]) -> Any:
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        sub.set_defaults(handler=handler)
+        if name != "demo":
+            sub.add_argument(
+                "--config", metavar="FILE", help="TOML config file (environment variables win)"
+            )
+        return sub
+
+    add("serve", "run the sidecar from the environment (and --config)", cmd_serve)
+    demo = add("demo", "run against a throwaway OpenBao dev server on loopback", cmd_demo)
+    demo.add_argument("demo_args", nargs=argparse.REMAINDER, help="options of the demo")
+    sign = add("sign", "print one token with the configured secret", cmd_sign)
+    sign.add_argument("--user-id", required=True, help="the Reditus UserId claim")
+    sign.add_argument("--product", default="default", help="configured product name")
+    add("check", "validate configuration and read every product's secret once", cmd_check)
+    return top
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return int(args.handler(args))
+    except ConfigError as exc:
+        print(f"reditus-sidecar: configuration error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except KeyboardInterrupt:
+        return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,222 @@
+"""The signing app: `POST /v1/token` on loopback (and the optional unix socket).
+
+Requests are checked in the order DESIGN.md fixes; the first failure answers with a
+JSON error. Nothing a caller sends can produce a 5xx or a stack trace, and no error
+carries a secret, a token or the user id.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import secrets
+import time
+from collections.abc import Callable
+from typing import Any
+
+from aiohttp import web
+
+from .config import DEFAULT_PRODUCT
+from .metrics import ENDPOINTS, ERROR_REASONS, Metrics
+from .state import SecretStore
+
+log = logging.getLogger(__name__)
+
+MAX_BODY = 16 * 1024
+MAX_USER_ID = 256
+TOKEN_PATH = "/v1/token"
+# Control characters (Cc: C0, DEL, C1) and surrogates; a surrogate left in a decoded
+# Python str is always a lone one, since json.loads joins valid pairs.
+_FORBIDDEN = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+_NO_STORE = {"Cache-Control": "no-store"}
+
+
+class ApiError(Exception):
+    """A refused request: status, error code and a caller-facing message."""
+
+    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.headers = headers or {}
+
+
+def error_response(error: ApiError, request_id: str) -> web.Response:
+    body = json.dumps({"error": {"code": error.code, "message": error.message}})
+    headers = {**_NO_STORE, "X-Request-Id": request_id, **error.headers}
+    return web.Response(
+        status=error.status, text=body, content_type="application/json", headers=headers
+    )
+
+
+def _parse_object(body: bytes) -> dict[str, Any]:
+    """Strict JSON: UTF-8, an object, no NaN/Infinity; depth bombs refused, not crashed on."""
+
+    def no_constants(name: str) -> None:
+        raise ValueError(name)
+
+    try:
+        data = json.loads(body.decode("utf-8"), parse_constant=no_constants)
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise ApiError(400, "invalid_json", "the body is not valid UTF-8 JSON") from None
+    if not isinstance(data, dict):
+        raise ApiError(
+            400, "invalid_json", 'the body must be a JSON object, e.g. {"userId": "u-123"}'
+        )
+    return data
+
+
+def validate_user_id(value: Any) -> str:
+    """A string of 1..256 code points with no control character and no lone surrogate."""
+    if value is None:
+        raise ApiError(400, "invalid_request", "userId is required")
+    if not isinstance(value, str):
+        if isinstance(value, bool):
+            got = "a boolean"
+        elif isinstance(value, int | float):
+            got = 'a number (send it as a string, e.g. "123")'
+        else:
+            got = "an object" if isinstance(value, dict) else "an array"
+        raise ApiError(400, "invalid_request", f"userId must be a string, got {got}")
+    if not value:
+        raise ApiError(400, "invalid_request", "userId must not be empty")
+    if len(value) > MAX_USER_ID:
+        raise ApiError(400, "invalid_request", f"userId is longer than {MAX_USER_ID} characters")
+    match = _FORBIDDEN.search(value)
+    if match:
+        what = (
+            "a lone surrogate" if "\ud800" <= match.group() <= "\udfff" else "a control character"
+        )
+        raise ApiError(
+            400, "invalid_request", f"userId contains {what} at position {match.start()}"
+        )
+    return value
+
+
+def _product_name(data: dict[str, Any]) -> str:
+    product = data.get("product", DEFAULT_PRODUCT)
+    if not isinstance(product, str):
+        raise ApiError(
+            400, "invalid_request", "product must be a string naming a configured product"
+        )
+    return product
+
+
+class TokenHandler:
+    """Handles every request on the signing listener."""
+
+    def __init__(
+        self,
+        store: SecretStore,
+        metrics: Metrics,
+        *,
+        require_header: bool = True,
+        clock: Callable[[], float] = time.time,
+        retry_after: Callable[[str], int] = lambda _product: 1,
+    ) -> None:
+        self.store = store
+        self.metrics = metrics
+        self.require_header = require_header
+        self.clock = clock
+        self.retry_after = retry_after
+        self._issued = {p: metrics.tokens_issued.labels(product=p) for p in store.products}
+        self._errors = {r: metrics.token_errors.labels(reason=r) for r in ERROR_REASONS}
+        self._latency = {e: metrics.request_duration.labels(endpoint=e) for e in ENDPOINTS}
+
+    async def __call__(self, request: web.Request) -> web.StreamResponse:
+        started = time.perf_counter()
+        request_id = request.headers.get("X-Request-Id", "")
+        if not _REQUEST_ID.match(request_id):
+            request_id = secrets.token_hex(8)
+        endpoint = "token" if request.path == TOKEN_PATH else "other"
+        try:
+            response: web.StreamResponse = await self._sign(request, request_id)
+        except ApiError as error:
+            self._errors[error.code].inc()
+            log.debug(
+                "request refused",
+                extra={"request_id": request_id, "status": error.status, "code": error.code},
+            )
+            response = error_response(error, request_id)
+        except Exception:
+            self._errors["internal"].inc()
+            log.exception("signing failed", extra={"request_id": request_id})
+            response = error_response(
+                ApiError(500, "internal", "internal error; see the sidecar's log"), request_id
+            )
+        self._latency[endpoint].observe(time.perf_counter() - started)
+        return response
+
+    async def _sign(self, request: web.Request, request_id: str) -> web.Response:
+        if request.path != TOKEN_PATH:
+            raise ApiError(404, "not_found", f"no such endpoint; POST {TOKEN_PATH}")
+        if request.method != "POST":
+            raise ApiError(
+                405, "method_not_allowed", f"use POST {TOKEN_PATH}", headers={"Allow": "POST"}
+            )
+        if self.require_header and request.headers.get("X-Sidecar-Request", "").lower() != "true":
+            raise ApiError(
+                403, "missing_request_header", "the header X-Sidecar-Request: true is required"
+            )
+        if "Origin" in request.headers:
+            raise ApiError(
+                403, "browser_origin", "requests from a browser (with an Origin header) are refused"
+            )
+        if request.content_type != "application/json" or request.charset not in (None, "utf-8"):
+            raise ApiError(
+                415, "unsupported_media_type", "Content-Type must be application/json (UTF-8)"
+            )
+        if request.content_length is not None and request.content_length > MAX_BODY:
+            raise ApiError(413, "too_large", f"the body is larger than {MAX_BODY} bytes")
+        try:
+            body = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            raise ApiError(413, "too_large", f"the body is larger than {MAX_BODY} bytes") from None
+        data = _parse_object(body)
+        user_id = validate_user_id(data.get("userId"))
+        product = _product_name(data)
+        if product not in self._issued:
+            raise ApiError(
+                404, "unknown_product", f"no product named {product[:64]!r} is configured"
+            )
+        snapshot = self.store.current(product)
+        if snapshot is None:
+            raise ApiError(
+                503,
+                "secret_unavailable",
+                "the product secret is not loaded yet (or too stale); retry shortly",
+                headers={"Retry-After": str(self.retry_after(product))},
+            )
+        iat = int(self.clock())
+        token = snapshot.signer.sign(user_id, iat)
+        self._issued[product].inc()
+        log.debug("token issued", extra={"request_id": request_id, "product": product})
+        body_out = json.dumps(
+            {"token": token, "productId": snapshot.signer.product_id, "issuedAt": iat},
+            ensure_ascii=False,
+        )
+        return web.Response(
+            text=body_out,
+            content_type="application/json",
+            headers={**_NO_STORE, "X-Request-Id": request_id},
+        )
+
+
+def create_api_app(
+    store: SecretStore,
+    metrics: Metrics,
+    *,
+    require_header: bool = True,
+    clock: Callable[[], float] = time.time,
+    retry_after: Callable[[str], int] = lambda _product: 1,
+) -> web.Application:
+    """The signing application; every path goes to one handler so the check order holds."""
+    app = web.Application(client_max_size=MAX_BODY)
+    handler = TokenHandler(
+        store, metrics, require_header=require_header, clock=clock, retry_after=retry_after
+    )
+    app.router.add_route("*", "/{tail:.*}", handler)
+    return app

@@ -1,0 +1,134 @@
+"""Metric definitions, created on an injected registry (tests build a fresh one each time).
+
+Label values come from small fixed sets and are pre-initialised, so dashboards see
+zeros instead of gaps. No label ever carries a user id, a token or a secret.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+#: `reason` values of reditus_sidecar_token_errors_total: the API error codes.
+ERROR_REASONS = (
+    "not_found",
+    "method_not_allowed",
+    "missing_request_header",
+    "browser_origin",
+    "unsupported_media_type",
+    "too_large",
+    "invalid_json",
+    "invalid_request",
+    "unknown_product",
+    "secret_unavailable",
+    "internal",
+)
+ENDPOINTS = ("token", "other")
+REFRESH_RESULTS = ("changed", "unchanged", "error")
+LOGIN_METHODS = ("token", "approle", "kubernetes", "jwt")
+RESULTS = ("success", "error")
+
+# Signing on loopback takes tens of microseconds; the low buckets resolve that.
+LATENCY_BUCKETS = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+)  # fmt: skip
+
+
+class Metrics:
+    """Every metric the sidecar exports."""
+
+    def __init__(self, registry: CollectorRegistry, products: Iterable[str], version: str) -> None:
+        self.registry = registry
+        self.tokens_issued = Counter(
+            "reditus_sidecar_tokens_issued",
+            "Tokens signed, by product.",
+            ["product"],
+            registry=registry,
+        )
+        self.token_errors = Counter(
+            "reditus_sidecar_token_errors",
+            "Signing requests refused or failed, by error code.",
+            ["reason"],
+            registry=registry,
+        )
+        self.request_duration = Histogram(
+            "reditus_sidecar_request_duration_seconds",
+            "Time to answer a signing-listener request.",
+            ["endpoint"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.secret_version = Gauge(
+            "reditus_sidecar_secret_version",
+            "Version of the secret in use (KV version; for files, a load count from 1).",
+            ["product"],
+            registry=registry,
+        )
+        self.secret_last_success = Gauge(
+            "reditus_sidecar_secret_last_refresh_success_timestamp_seconds",
+            "Unix time of the last successful secret read.",
+            ["product"],
+            registry=registry,
+        )
+        self.secret_loaded = Gauge(
+            "reditus_sidecar_secret_loaded_timestamp_seconds",
+            "Unix time the secret in use was loaded (changes at each rotation).",
+            ["product"],
+            registry=registry,
+        )
+        self.secret_refresh = Counter(
+            "reditus_sidecar_secret_refresh",
+            "Secret reads, by result.",
+            ["product", "result"],
+            registry=registry,
+        )
+        self.vault_login = Counter(
+            "reditus_sidecar_vault_login",
+            "Vault logins, by auth method and result.",
+            ["method", "result"],
+            registry=registry,
+        )
+        self.vault_token_renewal = Counter(
+            "reditus_sidecar_vault_token_renewal",
+            "Vault token renewals, by result.",
+            ["result"],
+            registry=registry,
+        )
+        self.vault_token_expiry = Gauge(
+            "reditus_sidecar_vault_token_expiry_timestamp_seconds",
+            "Unix time the current Vault token expires (0: no expiry or no token).",
+            registry=registry,
+        )
+        self.ready = Gauge(
+            "reditus_sidecar_ready",
+            "1 when every product has a usable secret, else 0.",
+            registry=registry,
+        )
+        self.build_info = Gauge(
+            "reditus_sidecar_build_info",
+            "Always 1; the version label says which build runs.",
+            ["version"],
+            registry=registry,
+        )
+        self.build_info.labels(version=version).set(1)
+        for reason in ERROR_REASONS:
+            self.token_errors.labels(reason=reason)
+        for endpoint in ENDPOINTS:
+            self.request_duration.labels(endpoint=endpoint)
+        for method in LOGIN_METHODS:
+            for result in RESULTS:
+                self.vault_login.labels(method=method, result=result)
+        for result in RESULTS:
+            self.vault_token_renewal.labels(result=result)
+        for product in products:
+            self.tokens_issued.labels(product=product)
+            self.secret_version.labels(product=product)
+            self.secret_last_success.labels(product=product)
+            self.secret_loaded.labels(product=product)
+            for result in REFRESH_RESULTS:
+                self.secret_refresh.labels(product=product, result=result)
+
+    def track_readiness(self, is_ready: Callable[[], bool]) -> None:
+        """Compute the ready gauge at scrape time: staleness changes with the clock."""
+        self.ready.set_function(lambda: 1.0 if is_ready() else 0.0)

@@ -1,0 +1,74 @@
+"""The Reditus widget token, byte-identical to the guide's Node `jose` code. Pure, no I/O.
+
+    new SignJWT({ProductId, UserId, iat})
+        .setProtectedHeader({alg: "HS512", typ: "JWT"}).sign(new TextEncoder().encode(secret))
+
+`jose` serialises with JSON.stringify: keys in insertion order, no spaces, non-ASCII
+characters raw in UTF-8, lone surrogates escaped as \\uXXXX; the key is the secret's
+UTF-8 bytes (lone surrogates become U+FFFD). Everything that does not change per request
+(header segment, payload prefix, key) is prepared once per secret.
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+from json.encoder import encode_basestring  # JSON.stringify's escaping for str (no ASCII-only)
+
+from jwt.algorithms import HMACAlgorithm
+
+from .redact import Redacted
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_HS512 = HMACAlgorithm(HMACAlgorithm.SHA512)
+
+
+def b64url(data: bytes) -> bytes:
+    """Base64url without padding (RFC 7515)."""
+    return base64.urlsafe_b64encode(data).rstrip(b"=")
+
+
+HEADER_SEGMENT = b64url(b'{"alg":"HS512","typ":"JWT"}')
+
+
+def json_string(value: str) -> str:
+    """A JSON string literal exactly as JSON.stringify writes it."""
+    encoded = encode_basestring(value)
+    if _SURROGATE.search(encoded):  # only lone surrogates can remain in a Python str
+        encoded = _SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", encoded)
+    return encoded
+
+
+def key_bytes(secret: str) -> bytes:
+    """The HMAC key jose derives with TextEncoder: UTF-8, lone surrogates as U+FFFD."""
+    return _SURROGATE.sub("\ufffd", secret).encode("utf-8")
+
+
+class TokenSigner:
+    """Signs tokens for one product id with one secret; rebuilt when either changes."""
+
+    __slots__ = ("_key", "_prefix", "_ttl", "key_length_warning", "product_id")
+
+    def __init__(self, product_id: str, secret: Redacted, *, ttl: int = 0) -> None:
+        self.product_id = product_id
+        self._key = key_bytes(secret.reveal())
+        self._ttl = ttl
+        self._prefix = '{"ProductId":' + json_string(product_id) + ',"UserId":'
+        #: PyJWT's advice on short keys, logged once per secret instead of per token.
+        self.key_length_warning = _HS512.check_key_length(self._key)
+
+    def sign(self, user_id: str, iat: int) -> str:
+        """The compact JWS for this user at time `iat` (whole seconds)."""
+        claims = self._prefix + json_string(user_id) + ',"iat":' + str(iat)
+        if self._ttl:
+            claims += ',"exp":' + str(iat + self._ttl)
+        signing_input = HEADER_SEGMENT + b"." + b64url((claims + "}").encode("utf-8"))
+        signature = b64url(_HS512.sign(signing_input, self._key))
+        return (signing_input + b"." + signature).decode("ascii")
+
+    def same_key(self, other: TokenSigner) -> bool:
+        """Whether two signers would produce the same tokens (rotation detection)."""
+        return (self.product_id, self._key, self._ttl) == (other.product_id, other._key, other._ttl)
+
+    def __repr__(self) -> str:
+        return f"TokenSigner(product_id={self.product_id!r}, ttl={self._ttl})"
