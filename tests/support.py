@@ -1,0 +1,181 @@
+"""Helpers to run the real sidecar as a process in tests: free ports, wait, stop by PID."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+TEST_SECRET = "test-product-secret-0123456789abcdef0123456789abcdef0123456789abcdef0123"
+TEST_PRODUCT_ID = "prod-test"
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def write_secret(path: Path, product_id: str = TEST_PRODUCT_ID, secret: str = TEST_SECRET) -> None:
+    """Write the file source's JSON atomically (temp file + rename, like Vault Agent)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps({"product_id": product_id, "product_secret": secret}))
+    tmp.replace(path)
+
+
+def base_env(**overrides: str) -> dict[str, str]:
+    """The process environment minus anything Vault- or sidecar-related, plus overrides."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("REDITUS_SIDECAR_", "VAULT_", "BAO_"))
+    }
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update(overrides)
+    return env
+
+
+@dataclass
+class SidecarProcess:
+    proc: subprocess.Popen[str]
+    api_url: str
+    metrics_url: str
+    secret_file: Path | None
+    secret: str = TEST_SECRET
+    product_id: str = TEST_PRODUCT_ID
+    lines: list[str] = field(default_factory=list)
+
+    def log_records(self) -> list[dict[str, object]]:
+        """Every JSON log line printed so far."""
+        records = []
+        for line in list(self.lines):
+            with contextlib.suppress(ValueError):
+                records.append(json.loads(line))
+        return records
+
+    def output(self) -> str:
+        return "\n".join(self.lines)
+
+    def wait_ready(self, timeout: float = 20.0) -> None:
+        wait_http(self.metrics_url + "/readyz", timeout=timeout, proc=self.proc, want=200)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        return int(self.proc.returncode)
+
+
+def wait_http(
+    url: str, *, timeout: float, proc: subprocess.Popen[str] | None = None, want: int = 200
+) -> None:
+    """Poll a URL until it answers `want`; fail early if the process died."""
+    deadline = time.monotonic() + timeout
+    last: object = None
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"process exited with {proc.returncode} before {url} was up")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:  # noqa: S310 - loopback
+                if response.status == want:
+                    return
+                last = response.status
+        except urllib.error.HTTPError as exc:
+            last = exc.code
+            if exc.code == want:
+                return
+        except OSError as exc:
+            last = exc
+        time.sleep(0.05)
+    raise AssertionError(f"{url} did not answer {want} within {timeout}s (last: {last})")
+
+
+def _pump(stream: object, lines: list[str]) -> None:
+    for line in stream:  # type: ignore[attr-defined]
+        lines.append(line.rstrip("\n"))
+
+
+def spawn(args: list[str], env: dict[str, str]) -> tuple[subprocess.Popen[str], list[str]]:
+    """Start `python -m sidecar ARGS`, collecting stdout+stderr lines in a thread."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sidecar", *args],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    lines: list[str] = []
+    threading.Thread(target=_pump, args=(proc.stdout, lines), daemon=True).start()
+    return proc, lines
+
+
+@contextlib.contextmanager
+def start_sidecar(
+    tmp_path: Path, *, wait: bool = True, write: bool = True, **env_overrides: str
+) -> Iterator[SidecarProcess]:
+    """Run `python -m sidecar serve` on a file secret and free loopback ports."""
+    secret_file = tmp_path / "reditus-secret.json"
+    if write:
+        write_secret(secret_file)
+    api_port, metrics_port = free_port(), free_port()
+    env = base_env(
+        REDITUS_SIDECAR_SECRET_SOURCE="file",
+        REDITUS_SIDECAR_SECRET_FILE=str(secret_file),
+        REDITUS_SIDECAR_LISTEN=f"127.0.0.1:{api_port}",
+        REDITUS_SIDECAR_METRICS_LISTEN=f"127.0.0.1:{metrics_port}",
+        REDITUS_SIDECAR_REFRESH_INTERVAL="1",
+        REDITUS_SIDECAR_BACKOFF_MAX="2",
+    )
+    env.update(env_overrides)
+    proc, lines = spawn(["serve"], env)
+    sidecar = SidecarProcess(
+        proc=proc,
+        api_url=f"http://127.0.0.1:{api_port}",
+        metrics_url=f"http://127.0.0.1:{metrics_port}",
+        secret_file=secret_file,
+        lines=lines,
+    )
+    try:
+        if wait:
+            sidecar.wait_ready()
+        yield sidecar
+    finally:
+        sidecar.stop()
+
+
+def post_token(
+    api_url: str, body: object, *, headers: dict[str, str] | None = None
+) -> tuple[int, dict[str, object]]:
+    """One signing request with the required headers (override with `headers`)."""
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    request = urllib.request.Request(  # noqa: S310 - loopback
+        api_url + "/v1/token",
+        data=data,
+        method="POST",
+        headers={
+            "Content-Type": "application/json",
+            "X-Sidecar-Request": "true",
+            **(headers or {}),
+        },
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())

@@ -1,0 +1,186 @@
+"""The token is byte-identical to the Reditus guide's `jose` code, for every input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import jwt
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from sidecar.redact import Redacted
+from sidecar.signer import TokenSigner
+
+JOSE_DIR = Path(__file__).parent / "jose"
+
+
+class JoseSigner:
+    """A long-lived `node sign.mjs`: one JSON job per line in, one token per line out."""
+
+    def __init__(self) -> None:
+        node = shutil.which("node")
+        if node is None or not (JOSE_DIR / "node_modules" / "jose").is_dir():
+            pytest.fail("node and tests/jose/node_modules/jose are required: run scripts/setup")
+        self.proc = subprocess.Popen(
+            [node, "sign.mjs"],
+            cwd=JOSE_DIR,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            encoding="utf-8",
+        )
+
+    def sign(
+        self, secret: str, product_id: str, user_id: str, iat: int, exp: int | None = None
+    ) -> str:
+        job: dict[str, object] = {
+            "secret": secret,
+            "productId": product_id,
+            "userId": user_id,
+            "iat": iat,
+        }
+        if exp is not None:
+            job["exp"] = exp
+        assert self.proc.stdin
+        assert self.proc.stdout
+        # ensure_ascii keeps lone surrogates as \\uXXXX escapes, which JSON.parse restores.
+        self.proc.stdin.write(json.dumps(job) + "\n")
+        self.proc.stdin.flush()
+        return self.proc.stdout.readline().strip()
+
+    def close(self) -> None:
+        assert self.proc.stdin
+        self.proc.stdin.close()
+        self.proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def jose() -> Iterator[JoseSigner]:
+    signer = JoseSigner()
+    yield signer
+    signer.close()
+
+
+SECRET = "0f3c7e1b9a2d4c6e8f0a1b2c3d4e5f60718293a4b5c6d7e8f90a1b2c3d4e5f6071"
+USER_IDS = [
+    "u-123",
+    "42",
+    "Zoë Åström",
+    "用户-七",
+    "emoji 😀👩‍👩‍👧",
+    'quote " and \\ backslash',
+    "<script>alert('x')</script>&amp;",
+    "/slashes/and/../dots",
+    "line\u2028separator\u2029paragraph",
+    "x" * 256,
+    "é" * 256,
+    "😀" * 256,
+    " leading and trailing ",
+    "\ufeffbom",
+]
+PRODUCT_IDS = [
+    "prod-1",
+    "c7a1f6c2-5e0f-4c4b-9a3e-1f2d3c4b5a69",
+    'weird "id" \\ with\ttab\nnewline\x00nul\x7f\x9f',
+    "ünïcödé 😀",
+    "lone \ud800 surrogate",
+]
+SECRETS = [
+    SECRET,
+    "x",
+    "short",
+    "k" * 1000,
+    "sécrèt 🔑",
+    "-----BEGIN PUBLIC KEY-----\nMFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAE\n-----END PUBLIC KEY-----",
+    '{"kty":"oct","k":"abc"}',
+    "lone \udfff surrogate",
+]
+
+
+@pytest.mark.parametrize("user_id", USER_IDS)
+def test_user_ids_match_jose(jose: JoseSigner, user_id: str) -> None:
+    ours = TokenSigner("prod-1", Redacted(SECRET)).sign(user_id, 1795460465)
+    assert ours == jose.sign(SECRET, "prod-1", user_id, 1795460465)
+
+
+@pytest.mark.parametrize("product_id", PRODUCT_IDS)
+def test_product_ids_match_jose(jose: JoseSigner, product_id: str) -> None:
+    ours = TokenSigner(product_id, Redacted(SECRET)).sign("u-1", 1700000000)
+    assert ours == jose.sign(SECRET, product_id, "u-1", 1700000000)
+
+
+@pytest.mark.parametrize("secret", SECRETS, ids=range(len(SECRETS)))
+def test_secrets_of_any_length_and_shape_match_jose(jose: JoseSigner, secret: str) -> None:
+    with_warnings_as_errors = TokenSigner("prod-1", Redacted(secret))
+    ours = with_warnings_as_errors.sign("u-1", 1700000000)
+    assert ours == jose.sign(secret, "prod-1", "u-1", 1700000000)
+
+
+def test_exp_follows_iat_when_ttl_is_set(jose: JoseSigner) -> None:
+    token = TokenSigner("prod-1", Redacted(SECRET), ttl=300).sign("u-1", 1700000000)
+    assert token == jose.sign(SECRET, "prod-1", "u-1", 1700000000, exp=1700000300)
+    claims = jwt.decode(token, SECRET, algorithms=["HS512"], options={"verify_exp": False})
+    assert list(claims) == ["ProductId", "UserId", "iat", "exp"]
+    assert claims["exp"] - claims["iat"] == 300
+
+
+def test_no_exp_by_default_and_exact_layout() -> None:
+    token = TokenSigner("prod-1", Redacted(SECRET)).sign("u-1", 1795460465)
+    header, payload, _signature = token.split(".")
+    assert jwt.utils.base64url_decode(header) == b'{"alg":"HS512","typ":"JWT"}'
+    assert jwt.utils.base64url_decode(payload) == (
+        b'{"ProductId":"prod-1","UserId":"u-1","iat":1795460465}'
+    )
+    assert "=" not in token
+
+
+def test_pyjwt_verifies_and_rejects_another_secret() -> None:
+    token = TokenSigner("prod-1", Redacted(SECRET)).sign("Zoë", 1795460465)
+    claims = jwt.decode(token, SECRET, algorithms=["HS512"])
+    assert claims == {"ProductId": "prod-1", "UserId": "Zoë", "iat": 1795460465}
+    with pytest.raises(jwt.InvalidSignatureError):
+        jwt.decode(token, SECRET + "x", algorithms=["HS512"])
+
+
+def test_signing_a_short_secret_warns_once_not_per_token(recwarn: pytest.WarningsRecorder) -> None:
+    signer = TokenSigner("prod-1", Redacted("short"))
+    for i in range(100):
+        signer.sign(f"u-{i}", 1700000000 + i)
+    assert len(recwarn) == 0
+    assert signer.key_length_warning is not None
+    assert "below" in signer.key_length_warning
+    assert TokenSigner("p", Redacted(SECRET)).key_length_warning is None
+
+
+def test_repr_hides_the_secret() -> None:
+    signer = TokenSigner("prod-1", Redacted(SECRET))
+    assert SECRET not in repr(signer)
+    assert SECRET not in repr(Redacted(SECRET))
+    assert SECRET not in str(Redacted(SECRET))
+
+
+# Valid user ids: 1..256 code points, no control characters, no surrogates.
+user_id_text = st.text(
+    alphabet=st.characters(exclude_categories=("Cc", "Cs")), min_size=1, max_size=256
+)
+
+
+@settings(
+    max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    user_id=user_id_text,
+    product_id=st.text(min_size=1, max_size=64),
+    secret=st.text(min_size=1, max_size=200),
+    iat=st.integers(min_value=0, max_value=2**40),
+)
+def test_generated_inputs_match_jose(
+    jose: JoseSigner, user_id: str, product_id: str, secret: str, iat: int
+) -> None:
+    ours = TokenSigner(product_id, Redacted(secret)).sign(user_id, iat)
+    assert ours == jose.sign(secret, product_id, user_id, iat)
