@@ -126,7 +126,7 @@ class TokenHandler:
         self._errors = {r: metrics.token_errors.labels(reason=r) for r in ERROR_REASONS}
         self._latency = {e: metrics.request_duration.labels(endpoint=e) for e in ENDPOINTS}
 
-    async def __call__(self, request: web.Request) -> web.StreamResponse:
+    async def handle(self, request: web.Request) -> web.StreamResponse:
         started = time.perf_counter()
         request_id = request.headers.get("X-Request-Id", "")
         if not _REQUEST_ID.match(request_id):
@@ -165,7 +165,10 @@ class TokenHandler:
             raise ApiError(
                 403, "browser_origin", "requests from a browser (with an Origin header) are refused"
             )
-        if request.content_type != "application/json" or request.charset not in (None, "utf-8"):
+        if (
+            request.content_type != "application/json"
+            or (request.charset or "utf-8").lower() != "utf-8"
+        ):
             raise ApiError(
                 415, "unsupported_media_type", "Content-Type must be application/json (UTF-8)"
             )
@@ -218,5 +221,5 @@ def create_api_app(
     handler = TokenHandler(
         store, metrics, require_header=require_header, clock=clock, retry_after=retry_after
     )
-    app.router.add_route("*", "/{tail:.*}", handler)
+    app.router.add_route("*", "/{tail:.*}", handler.handle)
     return app
