@@ -125,6 +125,8 @@ class TokenHandler:
         self._issued = {p: metrics.tokens_issued.labels(product=p) for p in store.products}
         self._errors = {r: metrics.token_errors.labels(reason=r) for r in ERROR_REASONS}
         self._latency = {e: metrics.request_duration.labels(endpoint=e) for e in ENDPOINTS}
+        #: requests inside the handler now; shutdown waits for this to reach zero
+        self.in_flight = 0
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         started = time.perf_counter()
@@ -132,6 +134,7 @@ class TokenHandler:
         if not _REQUEST_ID.match(request_id):
             request_id = secrets.token_hex(8)
         endpoint = "token" if request.path == TOKEN_PATH else "other"
+        self.in_flight += 1
         try:
             response: web.StreamResponse = await self._sign(request, request_id)
         except ApiError as error:
@@ -147,6 +150,8 @@ class TokenHandler:
             response = error_response(
                 ApiError(500, "internal", "internal error; see the sidecar's log"), request_id
             )
+        finally:
+            self.in_flight -= 1
         self._latency[endpoint].observe(time.perf_counter() - started)
         return response
 
@@ -208,6 +213,9 @@ class TokenHandler:
         )
 
 
+TOKEN_HANDLER = web.AppKey("token_handler", TokenHandler)
+
+
 def create_api_app(
     store: SecretStore,
     metrics: Metrics,
@@ -222,4 +230,5 @@ def create_api_app(
         store, metrics, require_header=require_header, clock=clock, retry_after=retry_after
     )
     app.router.add_route("*", "/{tail:.*}", handler.handle)
+    app[TOKEN_HANDLER] = handler
     return app

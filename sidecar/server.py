@@ -19,7 +19,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, disable_created_metrics
 
 from . import __version__
-from .api import create_api_app
+from .api import TOKEN_HANDLER, TokenHandler, create_api_app
 from .config import Settings
 from .metrics import Metrics
 from .ops import create_ops_app
@@ -44,6 +44,17 @@ def _prepare_socket_path(path: Path) -> None:
     path.unlink()
 
 
+async def _drain(sites: list[web.BaseSite], handler: TokenHandler, grace: float) -> None:
+    """Stop accepting, then wait for requests already in a handler (bodies may still be
+    arriving: aiohttp's own shutdown would drop them) before the runner closes connections."""
+    for site in sites:
+        await site.stop()
+    deadline = asyncio.get_running_loop().time() + grace
+    # Polling only during shutdown keeps the request path free of event bookkeeping.
+    while handler.in_flight and asyncio.get_running_loop().time() < deadline:  # noqa: ASYNC110
+        await asyncio.sleep(0.01)
+
+
 async def serve(settings: Settings, *, stop: asyncio.Event | None = None) -> int:
     """Run the sidecar; returns the process exit code."""
     stop = stop or asyncio.Event()
@@ -62,31 +73,26 @@ async def serve(settings: Settings, *, stop: asyncio.Event | None = None) -> int
         backoff_max=settings.backoff_max,
         token_ttl=settings.token_ttl,
     )
-    api_runner = web.AppRunner(
-        create_api_app(
-            store,
-            metrics,
-            require_header=settings.require_header,
-            retry_after=refresher.retry_after,
-        ),
-        access_log=None,
-        shutdown_timeout=SHUTDOWN_GRACE,
+    api_app = create_api_app(
+        store, metrics, require_header=settings.require_header, retry_after=refresher.retry_after
     )
+    api_runner = web.AppRunner(api_app, access_log=None, shutdown_timeout=SHUTDOWN_GRACE)
     ops_runner = web.AppRunner(
         create_ops_app(store, registry), access_log=None, shutdown_timeout=1.0
     )
     await api_runner.setup()
     await ops_runner.setup()
     try:
-        sites: list[web.BaseSite] = []
+        api_sites: list[web.BaseSite] = []
         if settings.listen is not None:
-            sites.append(web.TCPSite(api_runner, settings.listen.host, settings.listen.port))
+            api_sites.append(web.TCPSite(api_runner, settings.listen.host, settings.listen.port))
         if settings.unix_socket is not None:
             _prepare_socket_path(settings.unix_socket)
-            sites.append(web.UnixSite(api_runner, str(settings.unix_socket)))
-        sites.append(
-            web.TCPSite(ops_runner, settings.metrics_listen.host, settings.metrics_listen.port)
+            api_sites.append(web.UnixSite(api_runner, str(settings.unix_socket)))
+        ops_site = web.TCPSite(
+            ops_runner, settings.metrics_listen.host, settings.metrics_listen.port
         )
+        sites = [*api_sites, ops_site]
         for site in sites:
             await site.start()
         if settings.unix_socket is not None:
@@ -118,6 +124,7 @@ async def serve(settings: Settings, *, stop: asyncio.Event | None = None) -> int
         store.shutting_down = True
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(signum)
+        await _drain(api_sites, api_app[TOKEN_HANDLER], SHUTDOWN_GRACE)
         await api_runner.cleanup()
         await refresher.stop()
         await sources.close()

@@ -1,0 +1,103 @@
+"""The file source: changes, atomic swaps, invalid content and deletion."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from sidecar.errors import SecretInvalid, SecretUnavailable
+from sidecar.sources.file import FileSource
+from tests.support import write_secret
+
+
+def source(path: Path) -> FileSource:
+    return FileSource(path, product_id_key="product_id", secret_key="product_secret")
+
+
+async def test_reads_and_versions_count_changes(tmp_path: Path) -> None:
+    path = tmp_path / "s.json"
+    write_secret(path, "p1", "secret-one")
+    src = source(path)
+    first = await src.fetch()
+    assert (first.product_id, first.secret.reveal(), first.version) == ("p1", "secret-one", 1)
+    assert not src.changed()
+    assert (await src.fetch()).version == 1  # same content, same version
+    write_secret(path, "p1", "secret-two")
+    assert src.changed()
+    second = await src.fetch()
+    assert (second.secret.reveal(), second.version) == ("secret-two", 2)
+
+
+async def test_follows_the_kubernetes_symlink_swap(tmp_path: Path) -> None:
+    # A secret volume: file -> ..data/file, ..data -> ..TIMESTAMP (swapped atomically).
+    first, second = tmp_path / "..2026_01", tmp_path / "..2026_02"
+    first.mkdir()
+    second.mkdir()
+    (first / "s.json").write_text(json.dumps({"product_id": "p", "product_secret": "one"}))
+    (second / "s.json").write_text(json.dumps({"product_id": "p", "product_secret": "two"}))
+    (tmp_path / "..data").symlink_to(first.name)
+    (tmp_path / "s.json").symlink_to("..data/s.json")
+    src = source(tmp_path / "s.json")
+    assert (await src.fetch()).secret.reveal() == "one"
+    tmp_link = tmp_path / "..data_tmp"
+    tmp_link.symlink_to(second.name)
+    os.replace(tmp_link, tmp_path / "..data")
+    assert src.changed()
+    material = await src.fetch()
+    assert (material.secret.reveal(), material.version) == ("two", 2)
+
+
+@pytest.mark.parametrize(
+    ("content", "error", "needle"),
+    [
+        ("{not json", SecretInvalid, "not valid JSON"),
+        ("[]", SecretInvalid, "expected an object"),
+        ('{"product_id": "p"}', SecretInvalid, "missing field(s) 'product_secret'"),
+        ('{"product_secret": "s"}', SecretInvalid, "missing field(s) 'product_id'"),
+        (
+            '{"product_id": "p", "product_secret": ""}',
+            SecretInvalid,
+            "'product_secret' must be a non-empty string",
+        ),
+        (
+            '{"product_id": 12, "product_secret": "s"}',
+            SecretInvalid,
+            "'product_id' must be a non-empty string",
+        ),
+        ("x" * 70000, SecretInvalid, "larger than"),
+    ],
+)
+async def test_invalid_content_is_a_clear_error(
+    tmp_path: Path, content: str, error: type[Exception], needle: str
+) -> None:
+    path = tmp_path / "s.json"
+    path.write_text(content)
+    with pytest.raises(error) as info:
+        await source(path).fetch()
+    assert needle in str(info.value)
+    assert str(path) in str(info.value)
+
+
+async def test_error_messages_never_quote_the_content(tmp_path: Path) -> None:
+    path = tmp_path / "s.json"
+    path.write_text('{"product_id": "p", "product_secret": "TOPSECRET-VALUE" ,,}')
+    with pytest.raises(SecretInvalid) as info:
+        await source(path).fetch()
+    assert "TOPSECRET" not in str(info.value)
+
+
+async def test_deleted_file_is_unavailable_then_recovers(tmp_path: Path) -> None:
+    path = tmp_path / "s.json"
+    write_secret(path, "p", "one")
+    src = source(path)
+    await src.fetch()
+    path.unlink()
+    assert src.changed()
+    with pytest.raises(SecretUnavailable, match="no such file"):
+        await src.fetch()
+    write_secret(path, "p", "two")
+    assert src.changed()
+    assert (await src.fetch()).secret.reveal() == "two"

@@ -1,0 +1,195 @@
+"""The refresher: last-known-good, change detection, backoff, refresh-now, atomic swaps."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from pathlib import Path
+
+import jwt
+from prometheus_client import CollectorRegistry
+
+from sidecar.errors import SecretUnavailable
+from sidecar.metrics import Metrics
+from sidecar.redact import Redacted
+from sidecar.refresher import Refresher, backoff_delay
+from sidecar.sources.base import SecretMaterial
+from sidecar.sources.file import FileSource
+from sidecar.state import SecretStore
+from tests.support import write_secret
+
+
+class ScriptedSource:
+    """A real in-memory source whose next answer the test sets (no I/O to fake)."""
+
+    description = "scripted"
+
+    def __init__(self) -> None:
+        self.answer: SecretMaterial | Exception = SecretUnavailable("not yet")
+        self.calls = 0
+
+    async def fetch(self) -> SecretMaterial:
+        self.calls += 1
+        if isinstance(self.answer, Exception):
+            raise self.answer
+        return self.answer
+
+    def changed(self) -> bool:
+        return False
+
+    async def close(self) -> None:
+        return None
+
+
+def material(secret: str, version: int, product_id: str = "p") -> SecretMaterial:
+    return SecretMaterial(product_id=product_id, secret=Redacted(secret), version=version)
+
+
+def refresher(
+    registry: CollectorRegistry, source: object, **kwargs: float
+) -> tuple[Refresher, SecretStore]:
+    metrics = Metrics(registry, ["default"], "test")
+    store = SecretStore(["default"])
+    options = {"interval": 30.0, "backoff_max": 30.0, **kwargs}
+    return (
+        Refresher({"default": source}, store, metrics, clock=lambda: 1000.0, **options),  # type: ignore[dict-item, arg-type]
+        store,
+    )
+
+
+def sample(registry: CollectorRegistry, name: str, **labels: str) -> float | None:
+    return registry.get_sample_value(name, labels)
+
+
+async def test_keeps_the_last_good_secret_through_errors(registry: CollectorRegistry) -> None:
+    src = ScriptedSource()
+    ref, store = refresher(registry, src)
+    assert not await ref.refresh("default")
+    assert store.current("default") is None
+    src.answer = material("one", 1)
+    assert await ref.refresh("default")
+    snapshot = store.current("default")
+    assert snapshot is not None
+    src.answer = SecretUnavailable("vault down")
+    assert not await ref.refresh("default")
+    assert store.current("default") is snapshot
+    name = "reditus_sidecar_secret_refresh_total"
+    assert sample(registry, name, product="default", result="error") == 2
+    assert sample(registry, name, product="default", result="changed") == 1
+    assert sample(registry, "reditus_sidecar_secret_version", product="default") == 1
+
+
+async def test_unchanged_reads_confirm_without_replacing(registry: CollectorRegistry) -> None:
+    src = ScriptedSource()
+    src.answer = material("one", 4)
+    ref, store = refresher(registry, src)
+    await ref.refresh("default")
+    first = store.current("default")
+    await ref.refresh("default")
+    assert store.current("default") is first
+    name = "reditus_sidecar_secret_refresh_total"
+    assert sample(registry, name, product="default", result="unchanged") == 1
+    last = "reditus_sidecar_secret_last_refresh_success_timestamp_seconds"
+    assert sample(registry, last, product="default") == 1000.0
+
+
+async def test_rotation_swaps_the_whole_snapshot(registry: CollectorRegistry) -> None:
+    src = ScriptedSource()
+    src.answer = material("secret-one", 1, "p1")
+    ref, store = refresher(registry, src)
+    await ref.refresh("default")
+    src.answer = material("secret-two", 2, "p2")
+    await ref.refresh("default")
+    snapshot = store.current("default")
+    assert snapshot is not None
+    assert snapshot.version == 2
+    claims = jwt.decode(snapshot.signer.sign("u", 1), "secret-two", algorithms=["HS512"])
+    assert claims["ProductId"] == "p2"  # id and secret always travel together
+    assert sample(registry, "reditus_sidecar_secret_version", product="default") == 2
+
+
+async def test_a_crashing_source_is_counted_not_fatal(registry: CollectorRegistry) -> None:
+    src = ScriptedSource()
+    src.answer = RuntimeError("bug")
+    ref, _store = refresher(registry, src)
+    assert not await ref.refresh("default")
+    name = "reditus_sidecar_secret_refresh_total"
+    assert sample(registry, name, product="default", result="error") == 1
+
+
+def test_backoff_grows_from_one_second_to_the_cap() -> None:
+    rng = random.Random(7)
+    steps = [max(backoff_delay(n, 30, rng) for _ in range(200)) for n in range(1, 9)]
+    lows = [min(backoff_delay(n, 30, rng) for _ in range(200)) for n in range(1, 9)]
+    assert lows[0] >= 0.5
+    assert steps[0] <= 1.0
+    assert steps[1] <= 2.0
+    assert steps[2] <= 4.0
+    assert all(step <= 30 for step in steps)
+    assert steps[-1] > 25  # reaches the cap
+    assert lows[-1] >= 15  # jitter stays within half of the step
+
+
+async def test_loop_retries_soon_after_errors_and_recovers(registry: CollectorRegistry) -> None:
+    src = ScriptedSource()
+    ref, store = refresher(registry, src, interval=60.0, backoff_max=1.0)
+    ref.start()
+    try:
+        await asyncio.sleep(0.2)
+        assert src.calls == 1
+        src.answer = material("one", 1)
+        for _ in range(40):  # the backoff (<= 1 s) brings the next attempt
+            if store.current("default") is not None:
+                break
+            await asyncio.sleep(0.05)
+        assert store.current("default") is not None
+        calls = src.calls
+        await asyncio.sleep(0.3)
+        assert src.calls == calls  # healthy: next read only after the 60 s interval
+        ref.refresh_now()  # SIGHUP
+        await asyncio.sleep(0.1)
+        assert src.calls == calls + 1
+    finally:
+        await ref.stop()
+
+
+async def test_retry_after_from_the_source_stretches_the_backoff(
+    registry: CollectorRegistry,
+) -> None:
+    src = ScriptedSource()
+    src.answer = SecretUnavailable("busy", retry_after=5)
+    ref, _store = refresher(registry, src, interval=60.0, backoff_max=10.0)
+    ref.start()
+    try:
+        await asyncio.sleep(0.2)
+        assert src.calls == 1
+        assert ref.retry_after("default") >= 4
+    finally:
+        await ref.stop()
+
+
+async def test_file_changes_are_picked_up_without_waiting_for_the_interval(
+    registry: CollectorRegistry, tmp_path: Path
+) -> None:
+    path = tmp_path / "s.json"
+    write_secret(path, "p", "one")
+    src = FileSource(path, product_id_key="product_id", secret_key="product_secret")
+    ref, store = refresher(registry, src, interval=3600.0)
+    ref.start()
+    try:
+        for _ in range(40):
+            if store.current("default"):
+                break
+            await asyncio.sleep(0.05)
+        write_secret(path, "p", "two")
+        for _ in range(60):  # the 1 s watch notices, long before the hour
+            snapshot = store.current("default")
+            if snapshot and snapshot.version == 2:
+                break
+            await asyncio.sleep(0.05)
+        snapshot = store.current("default")
+        assert snapshot is not None
+        assert snapshot.version == 2
+        jwt.decode(snapshot.signer.sign("u", 1), "two", algorithms=["HS512"])
+    finally:
+        await ref.stop()

@@ -1,0 +1,348 @@
+"""The real process: serve, metrics, probes, unix socket, rotation, SIGHUP, SIGTERM, logs."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import aiohttp
+import jwt
+import pytest
+
+from tests.support import (
+    TEST_PRODUCT_ID,
+    TEST_SECRET,
+    base_env,
+    free_port,
+    post_token,
+    spawn,
+    start_sidecar,
+    wait_http,
+    write_secret,
+)
+
+HEADERS = {"Content-Type": "application/json", "X-Sidecar-Request": "true"}
+
+
+def scrape(metrics_url: str) -> str:
+    with urllib.request.urlopen(metrics_url + "/metrics", timeout=5) as response:  # noqa: S310
+        return response.read().decode()
+
+
+def metric_value(text: str, series: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(series + " "):
+            return float(line.split()[-1])
+    raise AssertionError(f"{series} not in scrape")
+
+
+def test_serves_tokens_that_verify(tmp_path: Path) -> None:
+    with start_sidecar(tmp_path) as sidecar:
+        status, body = post_token(sidecar.api_url, {"userId": "u-42"})
+        assert status == 200
+        claims = jwt.decode(str(body["token"]), TEST_SECRET, algorithms=["HS512"])
+        assert claims["ProductId"] == TEST_PRODUCT_ID
+        assert claims["UserId"] == "u-42"
+        assert abs(claims["iat"] - time.time()) < 60
+
+
+def test_metrics_move_and_pass_promtool(tmp_path: Path) -> None:
+    promtool = shutil.which("promtool")
+    assert promtool, "promtool missing: run scripts/setup"
+    with start_sidecar(tmp_path) as sidecar:
+        for _ in range(3):
+            post_token(sidecar.api_url, {"userId": "u"})
+        post_token(sidecar.api_url, {"userId": 5})
+        post_token(sidecar.api_url, {"userId": "u"}, headers={"X-Sidecar-Request": "no"})
+        text = scrape(sidecar.metrics_url)
+        check = subprocess.run(
+            [promtool, "check", "metrics"], input=text, capture_output=True, text=True, check=False
+        )
+        assert check.returncode == 0, check.stdout + check.stderr
+        assert metric_value(text, 'reditus_sidecar_tokens_issued_total{product="default"}') == 3
+        assert (
+            metric_value(text, 'reditus_sidecar_token_errors_total{reason="invalid_request"}') == 1
+        )
+        assert (
+            metric_value(
+                text, 'reditus_sidecar_token_errors_total{reason="missing_request_header"}'
+            )
+            == 1
+        )
+        assert (
+            metric_value(text, 'reditus_sidecar_request_duration_seconds_count{endpoint="token"}')
+            == 5
+        )
+        assert metric_value(text, 'reditus_sidecar_secret_version{product="default"}') == 1
+        assert metric_value(text, "reditus_sidecar_ready") == 1
+        assert 'reditus_sidecar_build_info{version="' in text
+        for name in (
+            "reditus_sidecar_secret_last_refresh_success_timestamp_seconds",
+            "reditus_sidecar_secret_refresh_total",
+            "reditus_sidecar_vault_login_total",
+            "reditus_sidecar_vault_token_expiry_timestamp_seconds",
+        ):
+            assert name in text
+        assert TEST_SECRET not in text
+        assert "_created" not in text
+
+
+def test_probes(tmp_path: Path) -> None:
+    with start_sidecar(tmp_path) as sidecar:
+        with urllib.request.urlopen(sidecar.metrics_url + "/healthz") as response:  # noqa: S310
+            assert json.loads(response.read()) == {"status": "ok"}
+        with urllib.request.urlopen(sidecar.metrics_url + "/readyz") as response:  # noqa: S310
+            body = json.loads(response.read())
+        assert body["status"] == "ready"
+        assert body["products"]["default"]["version"] == 1
+        assert TEST_SECRET not in json.dumps(body)
+
+
+def test_cold_start_answers_503_until_the_secret_appears(tmp_path: Path) -> None:
+    with start_sidecar(tmp_path, wait=False, write=False) as sidecar:
+        wait_http(sidecar.metrics_url + "/readyz", timeout=20, proc=sidecar.proc, want=503)
+        status, body = post_token(sidecar.api_url, {"userId": "u"})
+        assert status == 503
+        assert body["error"]["code"] == "secret_unavailable"  # type: ignore[index]
+        assert sidecar.secret_file is not None
+        write_secret(sidecar.secret_file)
+        sidecar.wait_ready(timeout=10)
+        assert post_token(sidecar.api_url, {"userId": "u"})[0] == 200
+
+
+def test_retry_after_header_on_503(tmp_path: Path) -> None:
+    with start_sidecar(tmp_path, wait=False, write=False) as sidecar:
+        wait_http(sidecar.metrics_url + "/readyz", timeout=20, proc=sidecar.proc, want=503)
+        request = urllib.request.Request(  # noqa: S310
+            sidecar.api_url + "/v1/token", data=b'{"userId":"u"}', headers=HEADERS, method="POST"
+        )
+        with pytest.raises(urllib.error.HTTPError) as info:
+            urllib.request.urlopen(request, timeout=5)  # noqa: S310
+        assert info.value.code == 503
+        assert int(info.value.headers["Retry-After"]) >= 1
+
+
+def test_rotation_under_load_loses_no_request(tmp_path: Path) -> None:
+    """Swap the file while clients hammer the API: every token verifies with one secret."""
+    new_secret = "rotated-secret-" + "z" * 60
+
+    async def run(api_url: str, secret_file: Path) -> list[str]:
+        tokens: list[str] = []
+        stop = asyncio.Event()
+
+        async def client(session: aiohttp.ClientSession) -> None:
+            while not stop.is_set():
+                async with session.post(
+                    api_url + "/v1/token", json={"userId": "u"}, headers=HEADERS
+                ) as response:
+                    assert response.status == 200, await response.text()
+                    tokens.append((await response.json())["token"])
+
+        async with aiohttp.ClientSession() as session:
+            workers = [asyncio.create_task(client(session)) for _ in range(8)]
+            await asyncio.sleep(0.5)
+            write_secret(secret_file, "prod-rotated", new_secret)
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
+                if tokens and _verifies(tokens[-1], new_secret):
+                    break
+            await asyncio.sleep(0.3)
+            stop.set()
+            await asyncio.gather(*workers)
+        return tokens
+
+    with start_sidecar(tmp_path) as sidecar:
+        assert sidecar.secret_file is not None
+        tokens = asyncio.run(run(sidecar.api_url, sidecar.secret_file))
+        text = scrape(sidecar.metrics_url)
+    old = [_verifies(token, TEST_SECRET) for token in tokens]
+    new = [_verifies(token, new_secret) for token in tokens]
+    assert all(a or b for a, b in zip(old, new, strict=True))
+    first_new = new.index(True)
+    assert not any(old[first_new:]), "an old-secret token was issued after the switch"
+    assert jwt.decode(tokens[-1], new_secret, algorithms=["HS512"])["ProductId"] == "prod-rotated"
+    assert metric_value(text, 'reditus_sidecar_secret_version{product="default"}') == 2
+
+
+def _verifies(token: str, secret: str) -> bool:
+    try:
+        jwt.decode(token, secret, algorithms=["HS512"])
+    except jwt.InvalidSignatureError:
+        return False
+    return True
+
+
+def test_invalid_secret_file_keeps_the_last_good_one(tmp_path: Path) -> None:
+    with start_sidecar(tmp_path) as sidecar:
+        assert sidecar.secret_file is not None
+        sidecar.secret_file.write_text('{"product_id": "p"}')
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            text = scrape(sidecar.metrics_url)
+            if (
+                metric_value(
+                    text, 'reditus_sidecar_secret_refresh_total{product="default",result="error"}'
+                )
+                > 0
+            ):
+                break
+            time.sleep(0.1)
+        else:
+            raise AssertionError("refresh error was not counted")
+        status, body = post_token(sidecar.api_url, {"userId": "u"})
+        assert status == 200
+        jwt.decode(str(body["token"]), TEST_SECRET, algorithms=["HS512"])
+        assert any("missing field(s) 'product_secret'" in line for line in sidecar.lines)
+
+
+def test_sighup_rereads_at_once(tmp_path: Path) -> None:
+    with start_sidecar(tmp_path, REDITUS_SIDECAR_REFRESH_INTERVAL="3600") as sidecar:
+        before = metric_value(
+            scrape(sidecar.metrics_url),
+            'reditus_sidecar_secret_refresh_total{product="default",result="unchanged"}',
+        )
+        sidecar.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            after = metric_value(
+                scrape(sidecar.metrics_url),
+                'reditus_sidecar_secret_refresh_total{product="default",result="unchanged"}',
+            )
+            if after > before:
+                break
+            time.sleep(0.05)
+        assert after == before + 1
+
+
+def test_unix_socket_serves_with_mode_0660(tmp_path: Path) -> None:
+    sock = tmp_path / "run" / "sidecar.sock"
+    sock.parent.mkdir()
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(str(sock))  # a leftover from a crashed run must not block the start
+    stale.close()
+    with start_sidecar(tmp_path, REDITUS_SIDECAR_UNIX_SOCKET=str(sock)) as sidecar:
+        assert stat.S_IMODE(os.stat(sock).st_mode) == 0o660
+
+        async def call() -> tuple[int, dict[str, object]]:
+            connector = aiohttp.UnixConnector(path=str(sock))
+            async with (
+                aiohttp.ClientSession(connector=connector) as session,
+                session.post("http://sidecar/v1/token", json={"userId": "u"}, headers=HEADERS) as r,
+            ):
+                return r.status, await r.json()
+
+        status, body = asyncio.run(call())
+        assert status == 200
+        jwt.decode(str(body["token"]), TEST_SECRET, algorithms=["HS512"])
+        assert sidecar.stop() == 0
+    assert not sock.exists()
+
+
+def test_sigterm_finishes_in_flight_requests(tmp_path: Path) -> None:
+    """Requests whose bodies are still arriving when SIGTERM lands all get their token."""
+
+    async def run(sidecar_api: str, proc: subprocess.Popen[str]) -> list[int]:
+        host, port = sidecar_api.removeprefix("http://").split(":")
+        body = b'{"userId": "u-in-flight"}'
+        head = (
+            f"POST /v1/token HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+            f"X-Sidecar-Request: true\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+        ).encode()
+        streams = [await asyncio.open_connection(host, int(port)) for _ in range(10)]
+        for _reader, writer in streams:
+            writer.write(head + body[:5])  # the request is accepted, its body half sent
+            await writer.drain()
+        await asyncio.sleep(0.3)
+        proc.send_signal(signal.SIGTERM)
+        await asyncio.sleep(0.3)
+        statuses = []
+        for reader, writer in streams:
+            writer.write(body[5:])
+            await writer.drain()
+            status_line = await asyncio.wait_for(reader.readline(), 10)
+            statuses.append(int(status_line.split()[1]))
+            writer.close()
+        return statuses
+
+    with start_sidecar(tmp_path) as sidecar:
+        statuses = asyncio.run(run(sidecar.api_url, sidecar.proc))
+        assert statuses == [200] * 10
+        assert sidecar.proc.wait(15) == 0
+        # the listener is closed: new connections are refused
+        with (
+            pytest.raises(ConnectionRefusedError),
+            socket.create_connection(
+                ("127.0.0.1", int(sidecar.api_url.rsplit(":", 1)[1])), timeout=2
+            ),
+        ):
+            pass
+
+
+def test_logs_carry_no_secret_token_or_user_id(tmp_path: Path) -> None:
+    with start_sidecar(tmp_path) as sidecar:
+        status, body = post_token(sidecar.api_url, {"userId": "user-PRIVATE-77"})
+        assert status == 200
+        post_token(sidecar.api_url, {"userId": "x\n"})
+        sidecar.proc.send_signal(signal.SIGHUP)
+        time.sleep(0.5)
+        assert sidecar.stop() == 0
+        output = sidecar.output()
+        token = str(body["token"])
+    records = sidecar.log_records()
+    assert records, output
+    assert all({"ts", "level", "msg"} <= set(r) for r in records)
+    assert any(r["msg"] == "secret loaded" for r in records)
+    for needle in (TEST_SECRET, token, token.split(".")[2], "user-PRIVATE-77"):
+        assert needle not in output
+
+
+def test_port_in_use_is_a_clear_failure(tmp_path: Path) -> None:
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    port = busy.getsockname()[1]
+    secret = tmp_path / "s.json"
+    write_secret(secret)
+    env = base_env(
+        REDITUS_SIDECAR_SECRET_SOURCE="file",
+        REDITUS_SIDECAR_SECRET_FILE=str(secret),
+        REDITUS_SIDECAR_LISTEN=f"127.0.0.1:{port}",
+        REDITUS_SIDECAR_METRICS_LISTEN=f"127.0.0.1:{free_port()}",
+    )
+    try:
+        proc, lines = spawn(["serve"], env)
+        assert proc.wait(20) == 1
+    finally:
+        busy.close()
+    assert any("cannot listen" in line for line in lines)
+    assert not any("Traceback" in line for line in lines)
+
+
+def test_sign_and_check_commands(tmp_path: Path) -> None:
+    secret = tmp_path / "s.json"
+    write_secret(secret)
+    env = base_env(REDITUS_SIDECAR_SECRET_SOURCE="file", REDITUS_SIDECAR_SECRET_FILE=str(secret))
+    proc, lines = spawn(["sign", "--user-id", "u-cli"], env)
+    assert proc.wait(20) == 0
+    token = next(line for line in lines if line.count(".") == 2)
+    assert jwt.decode(token, TEST_SECRET, algorithms=["HS512"])["UserId"] == "u-cli"
+    proc, lines = spawn(["check"], env)
+    assert proc.wait(20) == 0
+    assert any("product default: ok" in line and TEST_PRODUCT_ID in line for line in lines)
+    secret.write_text("{}")
+    proc, lines = spawn(["check"], env)
+    assert proc.wait(20) == 1
+    assert any("FAILED" in line and "missing field(s)" in line for line in lines)
+    proc, lines = spawn(["sign", "--user-id", "bad\u0007"], env)
+    assert proc.wait(20) == 2
+    assert any("control character" in line for line in lines)
