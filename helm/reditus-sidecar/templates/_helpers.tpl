@@ -1,11 +1,13 @@
 {{/*
 Named templates of the reditus-sidecar chart.
 
-Every define takes a root-shaped context: a map with .Values (this chart's values),
-.Release and .Chart. Inside this chart that is ".". From another chart that declares
-this one as a dependency, build it like this (see README.md, "Embedding the sidecar"):
+Every define takes this chart's root context: "." inside this chart. A chart that declares
+this one as a dependency passes the subchart's context, which carries the subchart's own
+values (with defaults), .Chart and .Release (see README.md, "Embedding the sidecar"):
 
-  {{- $rs := dict "Values" (index .Values "reditus-sidecar") "Release" .Release "Chart" (dict "Name" "reditus-sidecar" "AppVersion" "0.1.0") }}
+  {{- $rs := index .Subcharts "reditus-sidecar" }}
+  initContainers:
+    {{- include "reditus-sidecar.container" $rs | nindent 8 }}
 */}}
 
 {{/*
@@ -124,6 +126,9 @@ checks single values; this checks how they fit together). Returns nothing otherw
 */}}
 {{- define "reditus-sidecar.validate" -}}
 {{- $sc := .Values.sidecar -}}
+{{- if and (eq $sc.mode "native") .Capabilities (semverCompare "<1.29.0-0" .Capabilities.KubeVersion.Version) }}
+{{- fail (printf "sidecar.mode=native needs Kubernetes >= 1.29 (native sidecar containers); this cluster is %s: set sidecar.mode=container" .Capabilities.KubeVersion.Version) }}
+{{- end }}
 {{- if eq $sc.source "vault" }}
 {{- $auth := $sc.vault.auth }}
 {{- if and (has $auth.method (list "kubernetes" "jwt")) (not $auth.role) }}
