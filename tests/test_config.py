@@ -179,10 +179,30 @@ def test_cli_exits_2_with_one_clear_line(command: str, file_env: dict[str, str])
     env = base_env(**file_env, REDITUS_SIDECAR_LISTEN="0.0.0.0:8787")
     proc, lines = spawn(command.split(), env)
     assert proc.wait(30) == 2
-    proc.stdout.close() if proc.stdout else None
     output = "\n".join(lines)
     assert "configuration error: REDITUS_SIDECAR_LISTEN='0.0.0.0:8787'" in output
     assert "loopback" in output
+    assert "Traceback" not in output
+
+
+@pytest.mark.parametrize(
+    ("env", "needle"),
+    [
+        ({"REDITUS_SIDECAR_SECRET_SOURCE": "consul"}, "REDITUS_SIDECAR_SECRET_SOURCE='consul': expected one of vault, file"),
+        ({"REDITUS_SIDECAR_SECRET_SOURCE": "vault", "VAULT_ADDR": "http://127.0.0.1:1", "REDITUS_SIDECAR_VAULT_AUTH": "kerberos"}, "REDITUS_SIDECAR_VAULT_AUTH='kerberos'"),
+        ({"REDITUS_SIDECAR_REFRESH_INTERVAL": "0"}, "REDITUS_SIDECAR_REFRESH_INTERVAL='0': must be positive"),
+        ({"REDITUS_SIDECAR_METRICS_LISTEN": "127.0.0.1:http"}, "REDITUS_SIDECAR_METRICS_LISTEN='127.0.0.1:http': expected HOST:PORT"),
+        ({"REDITUS_SIDECAR_SECRET_SOURCE": "vault", "VAULT_ADDR": "http://127.0.0.1:1", "REDITUS_SIDECAR_VAULT_AUTH": "approle", "REDITUS_SIDECAR_VAULT_ROLE_ID": "r", "REDITUS_SIDECAR_VAULT_SECRET_ID_FILE": "/no/such/secret-id"}, "REDITUS_SIDECAR_VAULT_SECRET_ID_FILE='/no/such/secret-id': no such file"),
+    ],
+)  # fmt: skip
+def test_serve_refuses_bad_values_as_a_process(
+    file_env: dict[str, str], env: dict[str, str], needle: str
+) -> None:
+    proc, lines = spawn(["serve"], base_env(**{**file_env, **env}))
+    assert proc.wait(30) == 2
+    output = "\n".join(lines)
+    assert needle in output
+    assert len(lines) == 1, output
     assert "Traceback" not in output
 
 
