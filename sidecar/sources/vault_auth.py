@@ -184,9 +184,9 @@ class Authenticator:
     def _refused(self, exc: VaultHTTPError, where: str) -> Exception:
         said = exc.said(self._held)
         if exc.status in (400, 401, 403):
+            what = "the token" if self.method == "token" else f"the {self.method} login"
             return VaultLoginRefused(
-                f"Vault refused the {self.method} login (HTTP {exc.status} on {where}: {said}): "
-                f"{self.hint()}"
+                f"Vault refused {what} (HTTP {exc.status} on {where}: {said}): {self.hint()}"
             )
         if exc.status == 404 or "no handler for route" in said:
             return VaultLoginRefused(

@@ -1,0 +1,318 @@
+"""The `vault` source: KV v2 reads through one shared, self-renewing Vault session.
+
+`VaultSession` owns the token: it logs in lazily (or from `start()`), renews at about
+two thirds of the TTL, logs in again when the token is not renewable, nears its max
+TTL or draws a 403, and backs off exponentially between failed logins. Every product's
+`VaultSource` shares it, and concurrent fetches share one in-flight login (a lock), so
+a Vault outage never turns into a login storm. No call can stall the event loop or
+`close()`: hvac runs in daemon threads bounded by `REDITUS_SIDECAR_VAULT_TIMEOUT`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from typing import TYPE_CHECKING, Any
+
+from ..config import Product, VaultSettings
+from ..errors import SecretInvalid, SecretUnavailable, SourceError
+from ..refresher import backoff_delay
+from .base import SecretMaterial, material_from_mapping
+from .vault_auth import Authenticator, TokenState, renew
+from .vault_client import VaultHTTPError, VaultPermissionDenied, VaultTransport
+
+if TYPE_CHECKING:
+    from ..metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+RENEW_AT = 2 / 3  # of the TTL: leaves a third of it for retries when Vault is down
+EXPIRY_MARGIN = 0.5  # seconds: a token this close to expiry is not used any more
+DEFAULT_BACKOFF_MAX = 30.0
+
+
+class VaultSession:
+    """The Vault login shared by every product's source (started and closed once)."""
+
+    def __init__(
+        self,
+        settings: VaultSettings,
+        metrics: Metrics | None = None,
+        *,
+        backoff_max: float = DEFAULT_BACKOFF_MAX,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.backoff_max = backoff_max
+        self.transport = VaultTransport(settings)
+        self.auth = Authenticator(settings)
+        self._rng = rng or random.Random()  # noqa: S311 - jitter, not cryptography
+        self._state: TokenState | None = None
+        self._lock = asyncio.Lock()
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._login_failures = 0
+        self._not_before = 0.0
+        self._last_error: SourceError | None = None
+
+    # --- lifecycle -------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start background login and renewal; never waits for Vault."""
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(
+                self._maintain(), name="vault-token"
+            )
+
+    async def close(self) -> None:
+        """Stop at once, even with a call to a hung Vault in flight (its thread is dropped)."""
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self.transport.close()
+        self._state = None
+        if self.metrics is not None:
+            self.metrics.vault_token_expiry.set(0)
+
+    # --- token -----------------------------------------------------------------------
+
+    def _usable(self, state: TokenState | None) -> bool:
+        if state is None:
+            return False
+        expires = state.expires_at
+        return expires is None or time.monotonic() < expires - EXPIRY_MARGIN
+
+    async def token(self) -> TokenState:
+        """A usable token, logging in first if there is none."""
+        state = self._state
+        if self._usable(state):
+            assert state is not None
+            return state
+        return await self.login(stale=state)
+
+    async def login(self, stale: TokenState | None = None) -> TokenState:
+        """Log in once for everyone waiting; `stale` is the token the caller found bad."""
+        async with self._lock:
+            current = self._state
+            if current is not None and current is not stale and self._usable(current):
+                return current  # another caller logged in while we waited
+            remaining = self._not_before - time.monotonic()
+            if remaining > 0 and self._last_error is not None:
+                last = self._last_error
+                raise type(last)(str(last), retry_after=max(remaining, last.retry_after or 0))
+            try:
+                state = await self.auth.login(self.transport)
+            except SourceError as exc:
+                self._login_failures += 1
+                delay = backoff_delay(self._login_failures, self.backoff_max, self._rng)
+                self._not_before = time.monotonic() + max(delay, exc.retry_after or 0)
+                self._last_error = exc
+                self._count_login("error")
+                log.warning(
+                    "Vault login failed",
+                    extra={"method": self.auth.method, "error": str(exc), "retry_in": delay},
+                )
+                raise
+            self._login_failures = 0
+            self._last_error = None
+            self._set_state(state)
+            self._count_login("success")
+            log.info(
+                "logged in to Vault",
+                extra={"method": self.auth.method, "ttl": state.ttl or None},
+            )
+            return state
+
+    def _set_state(self, state: TokenState) -> None:
+        self._state = state
+        self._wake.set()
+        if self.metrics is not None:
+            self.metrics.vault_token_expiry.set(state.expiry_wall_time())
+
+    def _count_login(self, result: str) -> None:
+        if self.metrics is not None:
+            self.metrics.vault_login.labels(method=self.auth.method, result=result).inc()
+
+    def _count_renewal(self, result: str) -> None:
+        if self.metrics is not None:
+            self.metrics.vault_token_renewal.labels(result=result).inc()
+
+    def _due_at(self, state: TokenState) -> float | None:
+        """When to renew or log in again; None when nothing would help (or is needed)."""
+        if state.ttl <= 0:
+            return None
+        if (state.renewable and not state.capped) or self.auth.can_relogin:
+            return state.granted_at + state.ttl * RENEW_AT
+        return None
+
+    async def _maintain(self) -> None:
+        """Background: keep a token, renew it, replace it before it dies."""
+        renew_failures = 0
+        while True:
+            state = self._state
+            if not self._usable(state):
+                with contextlib.suppress(SourceError):
+                    await self.login(stale=state)
+                    continue
+                await asyncio.sleep(max(0.05, self._not_before - time.monotonic()))
+                continue
+            assert state is not None
+            due = self._due_at(state)
+            self._wake.clear()
+            now = time.monotonic()
+            if due is None or now < due:
+                timeout = None if due is None else due - now
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), timeout)
+                continue
+            if state.renewable and not state.capped:
+                if await self._renew(state):
+                    renew_failures = 0
+                    continue
+                renew_failures += 1
+                left = (state.expires_at or now) - now
+                delay = backoff_delay(renew_failures, self.backoff_max, self._rng)
+                await asyncio.sleep(max(0.05, min(delay, left / 2)))
+                continue
+            with contextlib.suppress(SourceError):
+                await self.login(stale=state)
+                continue
+            await asyncio.sleep(max(0.05, self._not_before - time.monotonic()))
+
+    async def _renew(self, state: TokenState) -> bool:
+        """Renew once; a refused renewal marks the token for a new login."""
+        try:
+            renewed = await renew(self.transport, state)
+        except VaultHTTPError as exc:
+            self._count_renewal("error")
+            log.warning(
+                "Vault refused to renew the token; logging in again",
+                extra={"status": exc.status, "error": exc.said()},
+            )
+            state.capped = True
+            state.renewable = False
+            return True
+        except SourceError as exc:
+            self._count_renewal("error")
+            log.warning("Vault token renewal failed", extra={"error": str(exc)})
+            return False
+        self._count_renewal("success")
+        if self._state is state:
+            self._set_state(renewed)
+        log.debug("renewed the Vault token", extra={"ttl": renewed.ttl})
+        if renewed.capped:
+            log.info(
+                "the Vault token nears its max TTL; logging in again before it expires",
+                extra={"ttl": renewed.ttl},
+            )
+        return True
+
+    # --- KV v2 ----------------------------------------------------------------------
+
+    async def read_kv(self, mount: str, path: str) -> tuple[Any, int]:
+        """The `data` of the latest version and its number; log in again once on 403."""
+        state = await self.token()
+        try:
+            return await self._read(state, mount, path)
+        except VaultHTTPError as exc:
+            if exc.status != 403:
+                raise kv_error(exc, mount, path) from None
+        log.info(
+            "permission denied reading the secret; logging in again",
+            extra={"source": f"vault {mount}/{path}", "method": self.auth.method},
+        )
+        state = await self.login(stale=state)
+        try:
+            return await self._read(state, mount, path)
+        except VaultHTTPError as exc:
+            raise kv_error(exc, mount, path) from None
+
+    async def _read(self, state: TokenState, mount: str, path: str) -> tuple[Any, int]:
+        response = await self.transport.call(
+            lambda c: c.secrets.kv.v2.read_secret_version(
+                path=path, mount_point=mount, raise_on_deleted_version=True
+            ),
+            token=state.token.reveal(),
+        )
+        body = response.get("data") if isinstance(response, dict) else None
+        if not isinstance(body, dict) or not isinstance(body.get("metadata"), dict):
+            raise SecretInvalid(
+                f"vault {mount}/{path}: the answer is not a KV version 2 secret: check that "
+                f"{mount}/ is a KV v2 mount (REDITUS_SIDECAR_KV_MOUNT)"
+            )
+        version = body["metadata"].get("version")
+        return body.get("data"), int(version) if isinstance(version, int) else 0
+
+
+def kv_error(exc: VaultHTTPError, mount: str, path: str) -> SourceError:
+    """An operator-facing error for a failed KV v2 read."""
+    data_path = f"{mount}/data/{path}"
+    where = f"vault {mount}/{path}"
+    if exc.status == 403:
+        return VaultPermissionDenied(
+            f"{where}: permission denied (HTTP 403): the token's policies must allow "
+            f'"read" on path "{data_path}" (see deploy/vault/reditus-sidecar.hcl)'
+        )
+    if exc.status == 404:
+        body = exc.body if isinstance(exc.body, dict) else {}
+        metadata = (body.get("data") or {}).get("metadata") or {}
+        version = metadata.get("version")
+        if metadata.get("destroyed"):
+            return SecretInvalid(
+                f"{where}: the latest version ({version}) is destroyed: write a new version "
+                f"(bao kv put -mount={mount} {path} ...)"
+            )
+        if metadata.get("deletion_time"):
+            return SecretInvalid(
+                f"{where}: the latest version ({version}) is deleted: undelete it "
+                f"(bao kv undelete -mount={mount} -versions={version} {path}) or write a new one"
+            )
+        return SecretUnavailable(
+            f"{where}: no secret there (HTTP 404): check REDITUS_SIDECAR_KV_MOUNT ({mount!r}), "
+            f"REDITUS_SIDECAR_KV_PATH ({path!r}) and that {mount}/ is a KV version 2 mount"
+        )
+    if exc.status == 429:
+        return SecretUnavailable(
+            f"{where}: Vault is rate limiting us (HTTP 429)", retry_after=exc.retry_after
+        )
+    if exc.status == 503:
+        return SecretUnavailable(
+            f"{where}: Vault is unavailable (HTTP 503: {exc.said()}): sealed, in standby "
+            "or overloaded",
+            retry_after=exc.retry_after,
+        )
+    return SecretUnavailable(
+        f"{where}: Vault answered HTTP {exc.status} ({exc.said()})", retry_after=exc.retry_after
+    )
+
+
+class VaultSource:
+    """One product's secret at KV v2 `mount/path`, read through the shared session."""
+
+    def __init__(self, session: VaultSession, product: Product) -> None:
+        self.session = session
+        self.product = product
+        self.description = f"vault {product.kv_mount}/{product.kv_path}"
+
+    def changed(self) -> bool:
+        return False  # Vault cannot tell us; the refresher polls on its interval
+
+    async def fetch(self) -> SecretMaterial:
+        p = self.product
+        data, version = await self.session.read_kv(p.kv_mount, p.kv_path)
+        return material_from_mapping(
+            data,
+            product_id_key=p.product_id_key,
+            secret_key=p.secret_key,
+            version=version,
+            where=f"{self.description} version {version}",
+        )
+
+    async def close(self) -> None:
+        return None  # the session is shared and closed once, by the source set
