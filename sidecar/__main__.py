@@ -12,7 +12,7 @@ import logging
 import sys
 import time
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import Any, TypeVar
 
 from . import __version__, logs
 from .config import Settings, load_settings
@@ -22,9 +22,10 @@ from .signer import TokenSigner
 log = logging.getLogger("sidecar")
 
 EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
+T = TypeVar("T")
 
 
-def _run(main: Callable[[], Coroutine[Any, Any, int]]) -> int:
+def _run(main: Callable[[], Coroutine[Any, Any, T]]) -> T:
     """Run on uvloop when it is installed (the `speed` extra), else plain asyncio."""
     try:
         import uvloop

@@ -28,5 +28,5 @@ class Redacted:
     def __bool__(self) -> bool:
         return bool(self._value)
 
-    def __reduce__(self) -> object:  # never pickle a secret by accident
+    def __reduce__(self) -> str:  # never pickle a secret by accident
         raise TypeError("Redacted values cannot be pickled")

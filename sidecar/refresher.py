@@ -30,7 +30,7 @@ FILE_WATCH_INTERVAL = 1.0  # how often a source that can tell `changed()` is ask
 def backoff_delay(failures: int, cap: float, rng: random.Random) -> float:
     """Exponential from 1 s, capped, with jitter in [50 %, 100 %] of the step."""
     step = min(cap, BACKOFF_INITIAL * 2 ** max(0, failures - 1))
-    return step * rng.uniform(0.5, 1.0)
+    return float(step * rng.uniform(0.5, 1.0))
 
 
 class Refresher:
