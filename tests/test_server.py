@@ -346,3 +346,18 @@ def test_sign_and_check_commands(tmp_path: Path) -> None:
     proc, lines = spawn(["sign", "--user-id", "bad\u0007"], env)
     assert proc.wait(20) == 2
     assert any("control character" in line for line in lines)
+
+
+def test_debug_logs_carry_the_request_id_and_text_format_works(tmp_path: Path) -> None:
+    with start_sidecar(tmp_path, REDITUS_SIDECAR_LOG_LEVEL="debug") as sidecar:
+        post_token(sidecar.api_url, {"userId": "u-dbg"}, headers={"X-Request-Id": "req-7"})
+        post_token(sidecar.api_url, {"userId": 7}, headers={"X-Request-Id": "req-8"})
+        time.sleep(0.2)
+    records = {r.get("request_id"): r for r in sidecar.log_records() if "request_id" in r}
+    assert records["req-7"]["msg"] == "token issued"
+    assert records["req-8"]["code"] == "invalid_request"
+    assert "u-dbg" not in sidecar.output()
+    with start_sidecar(tmp_path, REDITUS_SIDECAR_LOG_FORMAT="text") as sidecar:
+        pass
+    assert any(line.startswith("info") and "secret loaded" in line for line in sidecar.lines)
+    assert sidecar.log_records() == []
