@@ -1,0 +1,105 @@
+"""Alert rules of deploy/prometheus: real promtool, and the metrics of a real sidecar."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.support import start_sidecar
+
+ROOT = Path(__file__).resolve().parent.parent
+RULES = ROOT / "deploy" / "prometheus" / "reditus-sidecar.rules.yaml"
+RULE_TESTS = ROOT / "deploy" / "prometheus" / "reditus-sidecar.rules.test.yaml"
+WANTED = {
+    "ReditusSidecarDown",
+    "ReditusSidecarAbsent",
+    "ReditusSidecarNotReady",
+    "ReditusSidecarSecretStale",
+    "ReditusSidecarSecretRefreshFailing",
+    "ReditusSidecarVaultLoginFailing",
+    "ReditusSidecarVaultTokenNearExpiry",
+    "ReditusSidecarTokenErrorRatioHigh",
+}
+METRIC = re.compile(r"\breditus_sidecar_[a-z_]+\b")
+
+
+def promtool() -> str:
+    found = shutil.which("promtool", path=os.environ.get("PATH", "") + os.pathsep + "/usr/bin")
+    if found is None:
+        pytest.fail("promtool not found: scripts/setup installs Debian's prometheus package")
+    return found
+
+
+def promtool_run(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [promtool(), *args], cwd=cwd, capture_output=True, text=True, timeout=60, check=False
+    )
+
+
+def rules() -> list[dict[str, Any]]:
+    return [r for g in yaml.safe_load(RULES.read_text())["groups"] for r in g["rules"]]
+
+
+def test_promtool_check_rules() -> None:
+    proc = promtool_run("check", "rules", str(RULES), cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f"SUCCESS: {len(rules())} rules found" in proc.stdout
+
+
+def test_promtool_test_rules() -> None:
+    proc = promtool_run("test", "rules", RULE_TESTS.name, cwd=RULE_TESTS.parent)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "SUCCESS" in proc.stdout
+
+
+def test_promtool_tests_catch_a_changed_rule(tmp_path: Path) -> None:
+    """Guards the unit tests: a rule that waits far longer must make them fail."""
+    text = RULES.read_text()
+    changed, count = re.subn(
+        r"(alert: ReditusSidecarNotReady\n\s+expr: .*\n\s+)for: 5m", r"\1for: 50m", text
+    )
+    assert count == 1
+    (tmp_path / RULES.name).write_text(changed)
+    shutil.copy(RULE_TESTS, tmp_path / RULE_TESTS.name)
+    proc = promtool_run("test", "rules", RULE_TESTS.name, cwd=tmp_path)
+    assert proc.returncode != 0
+    assert "ReditusSidecarNotReady" in proc.stdout + proc.stderr
+
+
+def test_every_alert_is_documented_and_has_firing_and_quiet_cases() -> None:
+    alerts = {r["alert"]: r for r in rules()}
+    assert set(alerts) >= WANTED
+    cases = yaml.safe_load(RULE_TESTS.read_text())["tests"]
+    firing: set[str] = set()
+    quiet: set[str] = set()
+    for case in cases:
+        for check in case["alert_rule_test"]:
+            (firing if check.get("exp_alerts") else quiet).add(check["alertname"])
+    for name, rule in alerts.items():
+        assert rule["labels"]["severity"] in {"critical", "warning", "info"}, name
+        for key in ("summary", "description", "runbook"):
+            assert rule["annotations"].get(key, "").strip(), f"{name} lacks {key}"
+        assert name in firing, f"{name} has no firing test case"
+        assert name in quiet, f"{name} has no case where it must stay quiet"
+
+
+def test_rules_use_only_metrics_the_sidecar_exports(tmp_path: Path) -> None:
+    used = {m for r in rules() for m in METRIC.findall(r["expr"])}
+    assert used
+    with (
+        start_sidecar(tmp_path) as sidecar,
+        urllib.request.urlopen(sidecar.metrics_url + "/metrics", timeout=10) as response,  # noqa: S310
+    ):
+        exposition = response.read().decode()
+    exported = {
+        line.split("{")[0].split(" ")[0] for line in exposition.splitlines() if line[:1] != "#"
+    }
+    assert used <= exported, f"not exported: {sorted(used - exported)}"
