@@ -57,7 +57,7 @@ def vault_metrics(registry: CollectorRegistry) -> Metrics:
 
 
 @pytest.fixture(scope="session")
-def jwt_auth(openbao: Bao) -> Iterator[tuple[str, object]]:
+def jwt_auth(openbao: Bao) -> tuple[str, object]:
     """The `jwt` auth method validating tokens against a key this session generated."""
     key = rsa_key()
     mount = openbao.ensure_auth("jwt")
@@ -65,7 +65,7 @@ def jwt_auth(openbao: Bao) -> Iterator[tuple[str, object]]:
         f"auth/{mount}/config",
         data={"jwt_validation_pubkeys": [public_pem(key)], "bound_issuer": ""},
     )
-    yield mount, key
+    return mount, key
 
 
 @pytest.fixture(scope="session")

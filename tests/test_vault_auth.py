@@ -332,9 +332,9 @@ async def test_kubernetes_token_refused_by_token_review(
         await session.close()
 
 
-async def _fetch_until(source: VaultSource, done, timeout: float) -> int:
+async def _fetch_until(source: VaultSource, done, within: float) -> int:
     """Fetch every 0.2 s until `done()`; every fetch must succeed. Returns the count."""
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + within
     count = 0
     while not done():
         assert time.monotonic() < deadline, "the condition was not reached in time"
@@ -369,12 +369,12 @@ async def test_short_ttl_renews_then_logs_in_again_past_max_ttl(
             lambda: (
                 sample(registry, "reditus_sidecar_vault_token_renewal_total", result="success") >= 1
             ),
-            timeout=5,
+            within=5,
         )
         # Past the first token's max TTL (4 s), reads go on with a new login's token.
-        await _fetch_until(source, lambda: logins(registry, "approle") >= 2, timeout=8)
+        await _fetch_until(source, lambda: logins(registry, "approle") >= 2, within=8)
         started = time.monotonic()
-        await _fetch_until(source, lambda: time.monotonic() - started > 1.5, timeout=5)
+        await _fetch_until(source, lambda: time.monotonic() - started > 1.5, within=5)
         assert (await session.token()).token != first.token
         assert logins(registry, "approle", "error") == 0
     finally:
@@ -400,7 +400,7 @@ async def test_non_renewable_token_is_replaced_before_expiry(
     )
     await session.start()
     try:
-        await _fetch_until(source, lambda: logins(registry, "approle") >= 3, timeout=8)
+        await _fetch_until(source, lambda: logins(registry, "approle") >= 3, within=8)
         assert sample(registry, "reditus_sidecar_vault_token_renewal_total", result="success") == 0
     finally:
         await session.close()
