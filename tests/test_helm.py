@@ -16,6 +16,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import pytest
 import yaml
 
@@ -601,6 +602,9 @@ def test_notes_warn_about_inconsistent_values() -> None:
     )
     assert "plain http to a remote host" in insecure
     assert "requireHeader is false" in insecure
+    library = notes("--set", "deployment.enabled=false")
+    assert '"reditus-sidecar.container"' in library
+    assert "POST http://127.0.0.1:8787/v1/token" not in library
     monitoring = notes(*values_args("monitoring-values.yaml"))
     assert "install the Prometheus operator's CRDs first" in monitoring
     assert "helm test" in monitoring
@@ -654,7 +658,13 @@ def test_values_schema_accepts_every_ci_scenario_and_describes_keys() -> None:
     schema = json.loads((CHART / "values.schema.json").read_text())
     values = yaml.safe_load((CHART / "values.yaml").read_text())
     assert schema["$schema"] == "http://json-schema.org/draft-07/schema#"
+    jsonschema.Draft7Validator.check_schema(schema)
     assert schema["additionalProperties"] is False
+    validator = jsonschema.Draft7Validator(schema)
+    for scenario in SCENARIOS:
+        overrides = yaml.safe_load((CHART / "ci" / scenario).read_text())
+        errors = [e.message for e in validator.iter_errors(merge(values, overrides))]
+        assert not errors, (scenario, errors)
 
     def walk(value: Any, node: dict[str, Any], path: str) -> None:
         node = resolve(schema, node)
@@ -664,6 +674,15 @@ def test_values_schema_accepts_every_ci_scenario_and_describes_keys() -> None:
                 walk(child, node["properties"][key], f"{path}.{key}")
 
     walk(values, schema, "values")
+
+
+def merge(base: Any, override: Any) -> Any:
+    """Helm's value merge: maps merge key by key, anything else is replaced."""
+    if isinstance(base, dict) and isinstance(override, dict):
+        return {k: merge(base.get(k), v) if k in base else v for k, v in override.items()} | {
+            k: v for k, v in base.items() if k not in override
+        }
+    return override
 
 
 def test_embedding_the_named_template_in_another_chart(tmp_path: Path) -> None:
