@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# Sets up Kubernetes auth for reditus-sidecar: the least-privilege policy, the auth
+# method pointed at the cluster's API server, and a role that lets one service account
+# in one namespace read the product secret. Idempotent: run it again to update.
+#
+#   VAULT_ADDR=https://vault.example:8200 VAULT_TOKEN=<admin token> \
+#     KUBERNETES_HOST=https://kubernetes.default.svc NAMESPACE=shop SERVICE_ACCOUNT=web \
+#     deploy/vault/setup-kubernetes-auth.sh
+#
+# Environment (default in brackets):
+#   VAULT_ADDR, VAULT_TOKEN    the Vault (or OpenBao) to configure, and a token allowed to
+#                              write policies and auth configuration
+#   KUBERNETES_HOST            URL of the Kubernetes API server as Vault reaches it
+#                              (required; Vault calls its TokenReview API)
+#   KUBERNETES_CA_CERT [unset] PEM file of the API server's CA; unset when Vault runs in
+#                              the cluster and uses its own service-account CA
+#   TOKEN_REVIEWER_JWT_FILE [unset]  a long-lived token allowed to create TokenReviews;
+#                              unset: Vault uses its own pod's token, or the client's
+#   DISABLE_LOCAL_CA_JWT [false]  true when Vault runs outside the cluster
+#   NAMESPACE [default]        namespace of the app's pods
+#   SERVICE_ACCOUNT [default]  service account of the app's pods
+#   AUDIENCE [unset]           required `aud` of the service-account token, if any
+#   KV_MOUNT [secret], KV_PATH [reditus]   where the product secret lives (KV v2)
+#   POLICY [reditus-sidecar]   name of the policy written from reditus-sidecar.hcl
+#   AUTH_MOUNT [kubernetes]    path the Kubernetes method is (or gets) enabled at
+#   ROLE [reditus-sidecar]     role name (REDITUS_SIDECAR_VAULT_ROLE)
+#   TOKEN_TTL [1h], TOKEN_MAX_TTL [24h]   the sidecar renews at 2/3, logs in again after
+#   VAULT_CLI [bao, else vault, on PATH]
+#
+# Prints the REDITUS_SIDECAR_* variables the sidecar needs.
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+cli=${VAULT_CLI:-$(command -v bao || command -v vault || true)}
+if [[ -z $cli ]]; then
+    echo "setup-kubernetes-auth: neither bao nor vault is on PATH (set VAULT_CLI)" >&2
+    exit 1
+fi
+: "${VAULT_ADDR:?setup-kubernetes-auth: set VAULT_ADDR}"
+: "${KUBERNETES_HOST:?setup-kubernetes-auth: set KUBERNETES_HOST (the API server URL)}"
+KV_MOUNT=${KV_MOUNT:-secret}
+KV_PATH=${KV_PATH:-reditus}
+POLICY=${POLICY:-reditus-sidecar}
+AUTH_MOUNT=${AUTH_MOUNT:-kubernetes}
+ROLE=${ROLE:-reditus-sidecar}
+NAMESPACE=${NAMESPACE:-default}
+SERVICE_ACCOUNT=${SERVICE_ACCOUNT:-default}
+
+sed "s#\"secret/data/reditus\"#\"${KV_MOUNT}/data/${KV_PATH}\"#" "$here/reditus-sidecar.hcl" \
+    | "$cli" policy write "$POLICY" - >/dev/null
+echo "policy $POLICY: read on ${KV_MOUNT}/data/${KV_PATH}" >&2
+
+# Captured first: `grep -q` closing the pipe early would fail the pipeline under pipefail.
+mounts=$("$cli" auth list -format=json)
+if [[ $mounts != *"\"${AUTH_MOUNT}/\""* ]]; then
+    "$cli" auth enable -path="$AUTH_MOUNT" kubernetes >/dev/null
+    echo "enabled Kubernetes auth at auth/$AUTH_MOUNT" >&2
+fi
+
+config=(kubernetes_host="$KUBERNETES_HOST")
+[[ -n ${KUBERNETES_CA_CERT:-} ]] && config+=(kubernetes_ca_cert="@$KUBERNETES_CA_CERT")
+[[ -n ${TOKEN_REVIEWER_JWT_FILE:-} ]] && config+=(token_reviewer_jwt="@$TOKEN_REVIEWER_JWT_FILE")
+[[ ${DISABLE_LOCAL_CA_JWT:-false} == true ]] && config+=(disable_local_ca_jwt=true)
+"$cli" write "auth/$AUTH_MOUNT/config" "${config[@]}" >/dev/null
+echo "auth/$AUTH_MOUNT talks to $KUBERNETES_HOST" >&2
+
+role=(
+    bound_service_account_names="$SERVICE_ACCOUNT"
+    bound_service_account_namespaces="$NAMESPACE"
+    token_policies="$POLICY"
+    token_ttl="${TOKEN_TTL:-1h}"
+    token_max_ttl="${TOKEN_MAX_TTL:-24h}"
+)
+[[ -n ${AUDIENCE:-} ]] && role+=(audience="$AUDIENCE")
+"$cli" write "auth/$AUTH_MOUNT/role/$ROLE" "${role[@]}" >/dev/null
+echo "role $ROLE: service account $NAMESPACE/$SERVICE_ACCOUNT -> policy $POLICY" >&2
+
+echo "REDITUS_SIDECAR_VAULT_AUTH=kubernetes"
+echo "REDITUS_SIDECAR_VAULT_AUTH_MOUNT=$AUTH_MOUNT"
+echo "REDITUS_SIDECAR_VAULT_ROLE=$ROLE"
+echo "REDITUS_SIDECAR_KV_MOUNT=$KV_MOUNT"
+echo "REDITUS_SIDECAR_KV_PATH=$KV_PATH"
