@@ -116,7 +116,11 @@ class VaultSession:
                 self._count_login("error")
                 log.warning(
                     "Vault login failed",
-                    extra={"method": self.auth.method, "error": str(exc), "retry_in": delay},
+                    extra={
+                        "method": self.auth.method,
+                        "error": str(exc),
+                        "retry_in": round(delay, 2),
+                    },
                 )
                 raise
             self._login_failures = 0
