@@ -195,3 +195,29 @@ async def test_rate_limited_read_carries_retry_after(openbao: Bao, kv_path) -> N
     finally:
         root.delete(f"sys/quotas/rate-limit/{quota}")
         await session.close()
+
+
+async def test_vault_namespace(openbao: Bao) -> None:
+    """VAULT_NAMESPACE reaches Vault: the same mount/path resolves inside the namespace."""
+    import hvac
+
+    namespace, path = unique("ns"), unique("ns-secret")
+    openbao.root().write_data(f"sys/namespaces/{namespace}", data={})
+    inside = hvac.Client(
+        url=openbao.addr, token=openbao.root_token, cert=(), namespace=namespace, timeout=10
+    )
+    inside.sys.enable_secrets_engine("kv", path="secret", options={"version": "2"})
+    inside.secrets.kv.v2.create_or_update_secret(
+        path, secret={"product_id": "prod-ns", "product_secret": "n" * 64}
+    )
+    session, source = session_for(
+        openbao, None, VAULT_NAMESPACE=namespace, REDITUS_SIDECAR_KV_PATH=path
+    )
+    outside, outside_source = session_for(openbao, None, REDITUS_SIDECAR_KV_PATH=path)
+    try:
+        assert (await source.fetch()).product_id == "prod-ns"
+        with pytest.raises(SecretUnavailable, match="HTTP 404"):
+            await outside_source.fetch()
+    finally:
+        await session.close()
+        await outside.close()

@@ -1,0 +1,98 @@
+"""Rotation through the real process and a real OpenBao: under concurrent signing
+requests none fails, every token verifies with the old or the new secret and none with
+the old one after the switch; SIGHUP picks a new version up at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from collections.abc import Iterator
+
+import aiohttp
+import jwt
+import pytest
+
+from sidecar.devserver import OpenBaoDevServer
+from tests.openbao import Bao, scrape_value, vault_sidecar
+from tests.support import post_token
+
+OLD = "old-secret-" + "o" * 64
+NEW = "new-secret-" + "n" * 64
+HEADERS = {"X-Sidecar-Request": "true"}
+VERSION = 'reditus_sidecar_secret_version{product="default"}'
+
+
+@pytest.fixture
+def bao() -> Iterator[Bao]:
+    with OpenBaoDevServer() as server:
+        bao = Bao(server)
+        bao.put("reditus", product_id="prod-rot", product_secret=OLD)
+        yield bao
+
+
+def signed_with(token: str) -> str | None:
+    for name, secret in (("old", OLD), ("new", NEW)):
+        try:
+            jwt.decode(token, secret, algorithms=["HS512"])
+        except jwt.InvalidTokenError:
+            continue
+        return name
+    return None
+
+
+@pytest.mark.slow
+async def test_rotation_under_concurrent_requests(bao: Bao) -> None:
+    results: list[tuple[float, float, int, str | None]] = []
+    stop = asyncio.Event()
+
+    async def worker(http: aiohttp.ClientSession, url: str) -> None:
+        while not stop.is_set():
+            started = time.monotonic()
+            async with http.post(url, json={"userId": "u-rot"}, headers=HEADERS) as response:
+                body = await response.json()
+            results.append(
+                (started, time.monotonic(), response.status, signed_with(body.get("token", "")))
+            )
+
+    with vault_sidecar(bao.addr, VAULT_TOKEN=bao.root_token) as sidecar:
+        assert scrape_value(sidecar.metrics_url, VERSION) == 1
+        async with aiohttp.ClientSession() as http:
+            url = sidecar.api_url + "/v1/token"
+            workers = [asyncio.ensure_future(worker(http, url)) for _ in range(8)]
+            await asyncio.sleep(0.5)
+            await asyncio.to_thread(bao.put, "reditus", product_id="prod-rot", product_secret=NEW)
+            deadline = time.monotonic() + 15
+            while not any(kind == "new" for *_, kind in results):
+                assert time.monotonic() < deadline, "the new secret never took effect"
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(1)
+            stop.set()
+            await asyncio.gather(*workers)
+        assert scrape_value(sidecar.metrics_url, VERSION) == 2
+
+    assert results
+    assert {status for _, _, status, _ in results} == {200}
+    assert all(kind in ("old", "new") for *_, kind in results)
+    switch = min(end for _, end, _, kind in results if kind == "new")
+    after = [kind for started, _, _, kind in results if started > switch]
+    assert after
+    assert set(after) == {"new"}
+
+
+@pytest.mark.slow
+def test_sighup_reads_the_new_version_at_once(bao: Bao) -> None:
+    with vault_sidecar(
+        bao.addr, VAULT_TOKEN=bao.root_token, REDITUS_SIDECAR_REFRESH_INTERVAL="300"
+    ) as sidecar:
+        bao.put("reditus", product_id="prod-rot", product_secret=NEW)
+        status, body = post_token(sidecar.api_url, {"userId": "u"})
+        assert status == 200
+        assert signed_with(str(body["token"])) == "old"  # next read is minutes away
+        sidecar.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while signed_with(str(post_token(sidecar.api_url, {"userId": "u"})[1]["token"])) != "new":
+            assert time.monotonic() < deadline, "SIGHUP did not trigger a read"
+            time.sleep(0.05)
+        assert scrape_value(sidecar.metrics_url, VERSION) == 2
