@@ -134,3 +134,30 @@ def test_demo_refuses_a_public_signing_listener() -> None:
     )
     assert result.returncode == 2
     assert "loopback" in result.stderr
+
+
+def test_demo_stops_cleanly_on_sigterm() -> None:
+    proc, lines = spawn(
+        [
+            "demo",
+            "--",
+            "--listen",
+            f"127.0.0.1:{free_port()}",
+            "--metrics-listen",
+            f"127.0.0.1:{free_port()}",
+        ],
+        base_env(),
+    )
+    try:
+        workdir = Path(wait_for_line(lines, r"working directory (\S+)", proc, 10).group(1))
+        bao_pid = int(wait_for_line(lines, r"OpenBao dev server at \S+ \(pid (\d+)", proc, 30)[1])
+        wait_for_line(lines, r"^\s+curl ", proc, 30)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0
+        with pytest.raises(ProcessLookupError):
+            os.kill(bao_pid, 0)
+        assert not workdir.exists()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)

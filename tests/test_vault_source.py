@@ -221,3 +221,17 @@ async def test_vault_namespace(openbao: Bao) -> None:
     finally:
         await session.close()
         await outside.close()
+
+
+def test_retry_after_header_forms() -> None:
+    import email.utils
+    import time
+
+    from sidecar.sources.vault_client import parse_retry_after
+
+    assert parse_retry_after("7") == 7
+    assert parse_retry_after(None) is None
+    assert parse_retry_after("soon") is None
+    later = parse_retry_after(email.utils.formatdate(time.time() + 60, usegmt=True))
+    assert later is not None
+    assert 50 < later <= 60

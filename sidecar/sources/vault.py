@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 RENEW_AT = 2 / 3  # of the TTL: leaves a third of it for retries when Vault is down
 EXPIRY_MARGIN = 0.5  # seconds: a token this close to expiry is not used any more
 DEFAULT_BACKOFF_MAX = 30.0
+STALE_TOKEN_PAUSE = 1.0  # seconds between re-reads of a token file that is about to expire
 
 
 class VaultSession:
@@ -162,7 +163,9 @@ class VaultSession:
             state = self._state
             if not self._usable(state):
                 with contextlib.suppress(SourceError):
-                    await self.login(stale=state)
+                    if not self._usable(await self.login(stale=state)):
+                        # A token file still holding a dying token: wait for its writer.
+                        await asyncio.sleep(STALE_TOKEN_PAUSE)
                     continue
                 await asyncio.sleep(max(0.05, self._not_before - time.monotonic()))
                 continue
