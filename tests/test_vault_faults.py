@@ -331,3 +331,34 @@ def test_cold_start_before_vault_exists() -> None:
             seed(server)
             sidecar.wait_ready(timeout=15)
             sign_ok(sidecar.api_url, SECRET_A)
+
+
+async def test_something_else_answering_at_vault_addr(openbao) -> None:
+    """A proxy or web server at VAULT_ADDR: a clear error, not a crash."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    from threading import Thread
+
+    class Html(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = b"<html>hello</html>"
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            return None
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Html)
+    Thread(target=server.serve_forever, daemon=True).start()
+    session, source = session_for(
+        openbao, None, VAULT_ADDR=f"http://127.0.0.1:{server.server_address[1]}"
+    )
+    try:
+        with pytest.raises(VaultUnreachable, match="not Vault's JSON API"):
+            await source.fetch()
+    finally:
+        await session.close()
+        server.shutdown()
+        server.server_close()

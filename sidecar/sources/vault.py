@@ -160,6 +160,7 @@ class VaultSession:
         """Background: keep a token, renew it, replace it before it dies."""
         renew_failures = 0
         while True:
+            self._wake.clear()  # before reading the state: a login after this wakes us
             state = self._state
             if not self._usable(state):
                 with contextlib.suppress(SourceError):
@@ -171,7 +172,6 @@ class VaultSession:
                 continue
             assert state is not None
             due = self._due_at(state)
-            self._wake.clear()
             now = time.monotonic()
             if due is None or now < due:
                 timeout = None if due is None else due - now

@@ -152,7 +152,7 @@ class Authenticator:
                     response = await transport.call(self._login_call(creds), token=None)
                 except VaultHTTPError as exc:
                     raise self._refused(exc, f"auth/{self.mount}/login") from None
-                auth = response.get("auth") or {}
+                auth = (response.get("auth") if isinstance(response, dict) else None) or {}
                 token = auth.get("client_token") or ""
                 if not token:
                     raise VaultLoginRefused(
@@ -169,7 +169,8 @@ class Authenticator:
         """lookup-self for TTL and renewability; the login answer is the fallback."""
         now = time.monotonic()
         try:
-            data = (await transport.call(_lookup_self, token=token)).get("data") or {}
+            response = await transport.call(_lookup_self, token=token)
+            data = (response.get("data") if isinstance(response, dict) else None) or {}
         except VaultHTTPError as exc:
             if auth is None:  # `token`: the lookup is the only check the token works
                 raise self._refused(exc, "auth/token/lookup-self") from None
@@ -210,7 +211,7 @@ async def renew(transport: VaultTransport, state: TokenState) -> TokenState:
     response = await transport.call(
         lambda c: c.auth.token.renew_self(increment=increment), token=token
     )
-    auth = response.get("auth") or {}
+    auth = (response.get("auth") if isinstance(response, dict) else None) or {}
     ttl = float(auth.get("lease_duration") or 0)
     return TokenState(
         state.token,

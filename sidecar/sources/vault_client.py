@@ -155,7 +155,10 @@ class VaultTransport:
         self._local.status = None
         self._local.retry_after = None
         try:
-            return fn(self.client(token))
+            result = fn(self.client(token))
+            if isinstance(result, requests.Response):  # hvac's way of saying "not JSON"
+                raise ValueError(result.headers.get("Content-Type"))
+            return result
         except hvac.exceptions.VaultError as exc:
             status = getattr(self._local, "status", None) or _STATUS.get(type(exc), 0)
             errors = exc.errors if isinstance(exc.errors, list) else [str(exc.args[0] or "")]
@@ -171,6 +174,13 @@ class VaultTransport:
             raise self._timeout_error() from None
         except requests.exceptions.ConnectionError as exc:
             raise self._unreachable(exc) from None
+        except (requests.exceptions.InvalidURL, requests.exceptions.InvalidSchema):
+            raise VaultUnreachable(f"VAULT_ADDR={self.addr!r} is not a usable URL") from None
+        except ValueError:  # JSON decoding: a proxy or another service answered
+            raise VaultUnreachable(
+                f"{self.addr} answered with something that is not Vault's JSON API: "
+                "check VAULT_ADDR (and any proxy in between)"
+            ) from None
         except requests.exceptions.RequestException as exc:
             raise VaultUnreachable(
                 f"request to Vault at {self.addr} failed: {type(exc).__name__}"
