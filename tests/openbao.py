@@ -25,9 +25,12 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
+from prometheus_client import CollectorRegistry
 
 from sidecar.config import Settings, load_settings
 from sidecar.devserver import OpenBaoDevServer, free_port_pair
+from sidecar.metrics import Metrics
+from sidecar.sources.vault import VaultSession, VaultSource
 
 
 def unique(prefix: str) -> str:
@@ -371,3 +374,22 @@ def scrape_value(metrics_url: str, series: str) -> float:
             if line.startswith(series + " "):
                 return float(line.split()[-1])
     raise AssertionError(f"{series} not in the scrape")
+
+
+# --- sessions and their metrics -------------------------------------------------------
+
+
+def sample(registry: CollectorRegistry, name: str, **labels: str) -> float:
+    return registry.get_sample_value(name, labels) or 0.0
+
+
+def logins(registry: CollectorRegistry, method: str, result: str = "success") -> float:
+    return sample(registry, "reditus_sidecar_vault_login_total", method=method, result=result)
+
+
+def session_for(
+    openbao: Bao, metrics: Metrics | None, **env: str
+) -> tuple[VaultSession, VaultSource]:
+    settings = openbao.settings(**env)
+    session = VaultSession(settings.vault, metrics, backoff_max=2)
+    return session, VaultSource(session, settings.products[0])

@@ -10,28 +10,10 @@ import time
 from pathlib import Path
 
 import pytest
-from prometheus_client import CollectorRegistry
 
-from sidecar.metrics import Metrics
 from sidecar.sources.vault import VaultSession, VaultSource
 from sidecar.sources.vault_client import VaultHTTPError, VaultLoginRefused
-from tests.openbao import Bao, service_account_jwt, unique, write_file
-
-
-def sample(registry: CollectorRegistry, name: str, **labels: str) -> float:
-    return registry.get_sample_value(name, labels) or 0.0
-
-
-def logins(registry: CollectorRegistry, method: str, result: str = "success") -> float:
-    return sample(registry, "reditus_sidecar_vault_login_total", method=method, result=result)
-
-
-def session_for(
-    openbao: Bao, metrics: Metrics | None, **env: str
-) -> tuple[VaultSession, VaultSource]:
-    settings = openbao.settings(**env)
-    session = VaultSession(settings.vault, metrics, backoff_max=2)
-    return session, VaultSource(session, settings.products[0])
+from tests.openbao import Bao, logins, sample, service_account_jwt, session_for, unique, write_file
 
 
 async def revoke_current(openbao: Bao, session: VaultSession) -> None:

@@ -21,9 +21,17 @@ import pytest
 from sidecar.devserver import OpenBaoDevServer, free_port_pair
 from sidecar.sources.vault import VaultSession, VaultSource
 from sidecar.sources.vault_client import VaultTLSError, VaultUnreachable
-from tests.openbao import Bao, make_ca, scrape_value, unique, vault_sidecar, write_file
+from tests.openbao import (
+    Bao,
+    logins,
+    make_ca,
+    scrape_value,
+    session_for,
+    unique,
+    vault_sidecar,
+    write_file,
+)
 from tests.support import post_token
-from tests.test_vault_auth import logins, session_for
 
 SECRET_A = "first-secret-" + "a" * 64
 SECRET_B = "second-secret-" + "b" * 64

@@ -12,8 +12,7 @@ from sidecar.config import Product
 from sidecar.errors import SecretInvalid, SecretUnavailable
 from sidecar.sources.vault import VaultSession, VaultSource
 from sidecar.sources.vault_client import VaultPermissionDenied
-from tests.openbao import Bao, unique, write_file
-from tests.test_vault_auth import logins, session_for
+from tests.openbao import Bao, logins, session_for, unique, write_file
 
 
 async def test_reads_id_secret_and_version(openbao, kv_path, leak_guard) -> None:
