@@ -7,6 +7,7 @@ carries a secret, a token or the user id.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import re
@@ -31,6 +32,16 @@ TOKEN_PATH = "/v1/token"
 _FORBIDDEN = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 _NO_STORE = {"Cache-Control": "no-store"}
+_JSON_TYPE = "application/json; charset=utf-8"
+
+
+def _no_constants(name: str) -> None:
+    raise ValueError(name)
+
+
+# One decoder for every request: json.loads with a keyword argument builds a new
+# JSONDecoder per call (2.0 us instead of 0.7 us per body).
+_DECODER = json.JSONDecoder(parse_constant=_no_constants)
 
 
 class ApiError(Exception):
@@ -54,12 +65,8 @@ def error_response(error: ApiError, request_id: str) -> web.Response:
 
 def _parse_object(body: bytes) -> dict[str, Any]:
     """Strict JSON: UTF-8, an object, no NaN/Infinity; depth bombs refused, not crashed on."""
-
-    def no_constants(name: str) -> None:
-        raise ValueError(name)
-
     try:
-        data = json.loads(body.decode("utf-8"), parse_constant=no_constants)
+        data = _DECODER.decode(body.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError):
         raise ApiError(400, "invalid_json", "the body is not valid UTF-8 JSON") from None
     if not isinstance(data, dict):
@@ -127,12 +134,21 @@ class TokenHandler:
         self._latency = {e: metrics.request_duration.labels(endpoint=e) for e in ENDPOINTS}
         #: requests inside the handler now; shutdown waits for this to reach zero
         self.in_flight = 0
+        # Request ids made here: a random per-process prefix and a counter, unique without
+        # a getrandom() call per request (which cost about 5% of CPU under load).
+        self._id_prefix = secrets.token_hex(4)
+        self._ids = itertools.count()
+
+    def _request_id(self, request: web.Request) -> str:
+        """The caller's X-Request-Id if it is sane, else a new 16-character id."""
+        given = request.headers.get("X-Request-Id")
+        if given is not None and _REQUEST_ID.match(given):
+            return given
+        return f"{self._id_prefix}{next(self._ids) & 0xFFFFFFFF:08x}"
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         started = time.perf_counter()
-        request_id = request.headers.get("X-Request-Id", "")
-        if not _REQUEST_ID.match(request_id):
-            request_id = secrets.token_hex(8)
+        request_id = self._request_id(request)
         endpoint = "token" if request.path == TOKEN_PATH else "other"
         self.in_flight += 1
         try:
@@ -201,15 +217,26 @@ class TokenHandler:
         iat = int(self.clock())
         token = snapshot.signer.sign(user_id, iat)
         self._issued[product].inc()
-        log.debug("token issued", extra={"request_id": request_id, "product": product})
-        body_out = json.dumps(
-            {"token": token, "productId": snapshot.signer.product_id, "issuedAt": iat},
-            ensure_ascii=False,
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("token issued", extra={"request_id": request_id, "product": product})
+        # The token is base64url and dots, the product id is JSON-encoded once per secret:
+        # concatenation gives json.dumps' output in a tenth of its time (0.25 us, not 2.5).
+        body_out = (
+            '{"token": "'
+            + token
+            + '", "productId": '
+            + snapshot.signer.product_id_json
+            + ', "issuedAt": '
+            + str(iat)
+            + "}"
         )
         return web.Response(
-            text=body_out,
-            content_type="application/json",
-            headers={**_NO_STORE, "X-Request-Id": request_id},
+            body=body_out.encode("utf-8"),
+            headers={
+                "Content-Type": _JSON_TYPE,
+                "Cache-Control": "no-store",
+                "X-Request-Id": request_id,
+            },
         )
 
 

@@ -60,13 +60,15 @@ def key_length_warning(key: bytes) -> str | None:
 class TokenSigner:
     """Signs tokens for one product id with one secret; rebuilt when either changes."""
 
-    __slots__ = ("_key", "_prefix", "_ttl", "key_length_warning", "product_id")
+    __slots__ = ("_key", "_prefix", "_ttl", "key_length_warning", "product_id", "product_id_json")
 
     def __init__(self, product_id: str, secret: Redacted, *, ttl: int = 0) -> None:
         self.product_id = product_id
         self._key = key_bytes(secret.reveal())
         self._ttl = ttl
-        self._prefix = '{"ProductId":' + json_string(product_id) + ',"UserId":'
+        #: the product id as a JSON string literal, for the API's response body too
+        self.product_id_json = json_string(product_id)
+        self._prefix = '{"ProductId":' + self.product_id_json + ',"UserId":'
         #: PyJWT's advice on short keys, logged once per secret instead of per token.
         self.key_length_warning = key_length_warning(self._key)
 
