@@ -60,12 +60,22 @@ def key_length_warning(key: bytes) -> str | None:
 class TokenSigner:
     """Signs tokens for one product id with one secret; rebuilt when either changes."""
 
-    __slots__ = ("_key", "_prefix", "_ttl", "key_length_warning", "product_id", "product_id_json")
+    __slots__ = (
+        "_hmac",
+        "_key",
+        "_prefix",
+        "_ttl",
+        "key_length_warning",
+        "product_id",
+        "product_id_json",
+    )
 
     def __init__(self, product_id: str, secret: Redacted, *, ttl: int = 0) -> None:
         self.product_id = product_id
         self._key = key_bytes(secret.reveal())
         self._ttl = ttl
+        # Keyed once per secret; each token copies it (1.5 us instead of 2.0 us for hmac.digest)
+        self._hmac = hmac.new(self._key, digestmod=_DIGEST)
         #: the product id as a JSON string literal, for the API's response body too
         self.product_id_json = json_string(product_id)
         self._prefix = '{"ProductId":' + self.product_id_json + ',"UserId":'
@@ -78,7 +88,9 @@ class TokenSigner:
         if self._ttl:
             claims += ',"exp":' + str(iat + self._ttl)
         signing_input = HEADER_SEGMENT + b"." + b64url((claims + "}").encode("utf-8"))
-        signature = b64url(hmac.digest(self._key, signing_input, _DIGEST))
+        mac = self._hmac.copy()
+        mac.update(signing_input)
+        signature = b64url(mac.digest())
         return (signing_input + b"." + signature).decode("ascii")
 
     def same_key(self, other: TokenSigner) -> bool:
