@@ -256,6 +256,9 @@ def create_api_app(
     handler = TokenHandler(
         store, metrics, require_header=require_header, clock=clock, retry_after=retry_after
     )
+    # The token path first: aiohttp finds a fixed path by dict lookup, while the catch-all
+    # is a regex tried per request. Both go to the same handler, so the check order holds.
+    app.router.add_route("*", TOKEN_PATH, handler.handle)
     app.router.add_route("*", "/{tail:.*}", handler.handle)
     app[TOKEN_HANDLER] = handler
     return app
