@@ -37,9 +37,14 @@ def _run(main: Callable[[], Coroutine[Any, Any, T]]) -> T:
         return runner.run(main())
 
 
-def _settings(args: argparse.Namespace) -> Settings:
+def _settings(args: argparse.Namespace, *, one_shot: bool = False) -> Settings:
+    """Load settings and set up logging; one-shot commands print their own result, so their
+    logs stay at warning level unless debug is asked for."""
     settings = load_settings(config_file=args.config)
-    logs.configure(settings.log_level, settings.log_format)
+    level = settings.log_level
+    if one_shot and level == "info":
+        level = "warning"
+    logs.configure(level, settings.log_format)
     if settings.unknown_env:
         log.warning(
             "ignoring unknown variables (typo?)", extra={"detail": ", ".join(settings.unknown_env)}
@@ -75,7 +80,7 @@ async def _read_all(settings: Settings, metrics: Any = None) -> dict[str, Any]:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    settings = _settings(args)
+    settings = _settings(args, one_shot=True)
     results = _run(lambda: _read_all(settings))
     failed = False
     for name, result in results.items():
@@ -93,7 +98,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 def cmd_sign(args: argparse.Namespace) -> int:
     from .api import ApiError, validate_user_id
 
-    settings = _settings(args)
+    settings = _settings(args, one_shot=True)
     try:
         user_id = validate_user_id(args.user_id)
     except ApiError as exc:
@@ -112,10 +117,8 @@ def cmd_sign(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import main as demo_main
-
-    return demo_main(args.demo_args)
+def _no_op(_args: argparse.Namespace) -> int:
+    return EXIT_OK
 
 
 def parser() -> argparse.ArgumentParser:
@@ -136,8 +139,8 @@ def parser() -> argparse.ArgumentParser:
         return sub
 
     add("serve", "run the sidecar from the environment (and --config)", cmd_serve)
-    demo = add("demo", "run against a throwaway OpenBao dev server on loopback", cmd_demo)
-    demo.add_argument("demo_args", nargs=argparse.REMAINDER, help="options of the demo")
+    # Listed for --help only: main() hands `demo ...` to sidecar.demo before parsing.
+    add("demo", "run against a throwaway OpenBao dev server on loopback (demo --help)", _no_op)
     sign = add("sign", "print one token with the configured secret", cmd_sign)
     sign.add_argument("--user-id", required=True, help="the Reditus UserId claim")
     sign.add_argument("--product", default="default", help="configured product name")
@@ -146,6 +149,11 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["demo"]:  # the demo parses its own options (argparse REMAINDER would not)
+        from .demo import main as demo_main
+
+        return demo_main(argv[1:])
     args = parser().parse_args(argv)
     try:
         return int(args.handler(args))

@@ -53,7 +53,7 @@ def build_sources(settings: Settings, metrics: Metrics | None = None) -> SourceS
         return SourceSet(sources)
     from .vault import VaultSession, VaultSource  # hvac is only imported when used
 
-    session = VaultSession(settings.vault, metrics)
+    session = VaultSession(settings.vault, metrics, backoff_max=settings.backoff_max)
     vault_sources: dict[str, SecretSource] = {
         product.name: VaultSource(session, product) for product in settings.products
     }
