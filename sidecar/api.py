@@ -7,6 +7,7 @@ carries a secret, a token or the user id.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 import logging
@@ -26,6 +27,9 @@ log = logging.getLogger(__name__)
 
 MAX_BODY = 16 * 1024
 MAX_USER_ID = 256
+# A body that has not fully arrived this long after its headers is a stalled (or slowloris)
+# client: it gets 408 so it cannot hold a handler, or shutdown, for longer.
+BODY_TIMEOUT = 5.0
 TOKEN_PATH = "/v1/token"
 # Control characters (Cc: C0, DEL, C1) and surrogates; a surrogate left in a decoded
 # Python str is always a lone one, since json.loads joins valid pairs.
@@ -58,9 +62,12 @@ class ApiError(Exception):
 def error_response(error: ApiError, request_id: str) -> web.Response:
     body = json.dumps({"error": {"code": error.code, "message": error.message}})
     headers = {**_NO_STORE, "X-Request-Id": request_id, **error.headers}
-    return web.Response(
+    response = web.Response(
         status=error.status, text=body, content_type="application/json", headers=headers
     )
+    if error.status == 408:
+        response.force_close()  # the rest of a stalled body is not worth waiting for
+    return response
 
 
 def _parse_object(body: bytes) -> dict[str, Any]:
@@ -123,8 +130,10 @@ class TokenHandler:
         require_header: bool = True,
         clock: Callable[[], float] = time.time,
         retry_after: Callable[[str], int] = lambda _product: 1,
+        body_timeout: float = BODY_TIMEOUT,
     ) -> None:
         self.store = store
+        self.body_timeout = body_timeout
         self.metrics = metrics
         self.require_header = require_header
         self.clock = clock
@@ -171,6 +180,22 @@ class TokenHandler:
         self._latency[endpoint].observe(time.perf_counter() - started)
         return response
 
+    async def _read_body(self, request: web.Request) -> bytes:
+        """The whole body, or 408 if it does not arrive within the body timeout."""
+        if request.content.is_eof():
+            # Almost always: a small body came with the headers. Skipping asyncio.timeout
+            # here saves its timer (4 us per request measured, 5% of a request at 50 conns).
+            return await request.read()
+        try:
+            async with asyncio.timeout(self.body_timeout):
+                return await request.read()
+        except TimeoutError:
+            raise ApiError(
+                408,
+                "request_timeout",
+                f"the body did not arrive within {self.body_timeout:g} s",
+            ) from None
+
     async def _sign(self, request: web.Request, request_id: str) -> web.Response:
         if request.path != TOKEN_PATH:
             raise ApiError(404, "not_found", f"no such endpoint; POST {TOKEN_PATH}")
@@ -196,7 +221,7 @@ class TokenHandler:
         if request.content_length is not None and request.content_length > MAX_BODY:
             raise ApiError(413, "too_large", f"the body is larger than {MAX_BODY} bytes")
         try:
-            body = await request.read()
+            body = await self._read_body(request)
         except web.HTTPRequestEntityTooLarge:
             raise ApiError(413, "too_large", f"the body is larger than {MAX_BODY} bytes") from None
         data = _parse_object(body)
@@ -250,11 +275,17 @@ def create_api_app(
     require_header: bool = True,
     clock: Callable[[], float] = time.time,
     retry_after: Callable[[str], int] = lambda _product: 1,
+    body_timeout: float = BODY_TIMEOUT,
 ) -> web.Application:
     """The signing application; every path goes to one handler so the check order holds."""
     app = web.Application(client_max_size=MAX_BODY)
     handler = TokenHandler(
-        store, metrics, require_header=require_header, clock=clock, retry_after=retry_after
+        store,
+        metrics,
+        require_header=require_header,
+        clock=clock,
+        retry_after=retry_after,
+        body_timeout=body_timeout,
     )
     # The token path first: aiohttp finds a fixed path by dict lookup, while the catch-all
     # is a regex tried per request. Both go to the same handler, so the check order holds.

@@ -18,6 +18,7 @@ ERROR_REASONS = (
     "browser_origin",
     "unsupported_media_type",
     "too_large",
+    "request_timeout",
     "invalid_json",
     "invalid_request",
     "unknown_product",

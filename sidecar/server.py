@@ -30,6 +30,14 @@ from .state import SecretStore
 log = logging.getLogger(__name__)
 
 SHUTDOWN_GRACE = 10.0  # seconds in-flight requests get after SIGTERM
+# A signing connection that sends no complete request head for this long (idle keep-alive,
+# or stalled half-way through its headers, slowloris-style) is closed; bodies have their
+# own timeout (api.BODY_TIMEOUT). aiohttp's default would keep them for an hour.
+IDLE_TIMEOUT = 10.0
+# After an early answer (413, 408) aiohttp reads and drops the rest of the body for this
+# long, so the client sees the answer rather than a reset; its 10 s default would let a
+# stalled client hold the connection that much longer.
+LINGER = 2.0
 SOCKET_MODE = 0o660
 
 
@@ -77,7 +85,13 @@ async def serve(settings: Settings, *, stop: asyncio.Event | None = None) -> int
     api_app = create_api_app(
         store, metrics, require_header=settings.require_header, retry_after=refresher.retry_after
     )
-    api_runner = web.AppRunner(api_app, access_log=None, shutdown_timeout=SHUTDOWN_GRACE)
+    api_runner = web.AppRunner(
+        api_app,
+        access_log=None,
+        shutdown_timeout=SHUTDOWN_GRACE,
+        keepalive_timeout=IDLE_TIMEOUT,
+        lingering_time=LINGER,
+    )
     ops_runner = web.AppRunner(
         create_ops_app(store, registry), access_log=None, shutdown_timeout=1.0
     )
