@@ -177,7 +177,7 @@ def rss_mib(pid: int, field: str = "VmRSS") -> float:
 
 
 WRK_SCRIPT = BENCH / "wrk_token.lua"
-_WRK_LINE = re.compile(r"^BENCH (\d+) (\d+) (\d+) (\d+) (\d+) (\d+)$", re.M)
+WRK_LINE = re.compile(r"^BENCH (\d+) (\d+) (\d+) (\d+) (\d+) (\d+)$", re.M)
 
 
 @dataclass
@@ -215,7 +215,7 @@ def wrk(server: Server, connections: int, seconds: float) -> LoadResult:
     out = subprocess.run(pinned(args, LOAD_CORE), capture_output=True, text=True, check=True)
     wall = time.monotonic() - started
     cpu = sum(cpu_seconds(pid) for pid in server.pids) - cpu_before
-    match = _WRK_LINE.search(out.stdout)
+    match = WRK_LINE.search(out.stdout)
     if match is None:
         raise RuntimeError(f"unexpected wrk output:\n{out.stdout}\n{out.stderr}")
     requests, micros, p50, p99, errors, non2xx = (int(g) for g in match.groups())
@@ -231,11 +231,11 @@ def wrk(server: Server, connections: int, seconds: float) -> LoadResult:
 
 
 @contextlib.contextmanager
-def openbao(core: str | None = SERVER_CORE) -> Iterator[object]:
+def openbao(core: str | None = SERVER_CORE, extra_config: str | None = None) -> Iterator[object]:
     """An OpenBao dev server on loopback (stopped by PID on exit), pinned to `core`."""
     from sidecar.devserver import OpenBaoDevServer
 
-    with OpenBaoDevServer() as bao:
+    with OpenBaoDevServer(extra_config=extra_config) as bao:
         assert bao.pid is not None
         pin_pid(bao.pid, core)
         yield bao
