@@ -337,32 +337,17 @@ def write_file(path: Path, content: str) -> Path:
 @contextlib.contextmanager
 def vault_sidecar(vault_addr: str, *, wait: bool = True, **env: str) -> Iterator[Any]:
     """`python -m sidecar serve` with the vault source; env adds or overrides variables."""
-    from tests.support import SidecarProcess, base_env, free_port, spawn
+    from tests.support import run_sidecar
 
-    api_port, metrics_port = free_port(), free_port()
-    full = base_env(
-        VAULT_ADDR=vault_addr,
-        REDITUS_SIDECAR_LISTEN=f"127.0.0.1:{api_port}",
-        REDITUS_SIDECAR_METRICS_LISTEN=f"127.0.0.1:{metrics_port}",
-        REDITUS_SIDECAR_REFRESH_INTERVAL="0.5",
-        REDITUS_SIDECAR_BACKOFF_MAX="1",
-        REDITUS_SIDECAR_VAULT_TIMEOUT="1",
-    )
-    full.update(env)
-    proc, lines = spawn(["serve"], full)
-    sidecar = SidecarProcess(
-        proc=proc,
-        api_url=f"http://127.0.0.1:{api_port}",
-        metrics_url=f"http://127.0.0.1:{metrics_port}",
-        secret_file=None,
-        lines=lines,
-    )
-    try:
-        if wait:
-            sidecar.wait_ready()
+    full = {
+        "VAULT_ADDR": vault_addr,
+        "REDITUS_SIDECAR_REFRESH_INTERVAL": "0.5",
+        "REDITUS_SIDECAR_BACKOFF_MAX": "1",
+        "REDITUS_SIDECAR_VAULT_TIMEOUT": "1",
+        **env,
+    }
+    with run_sidecar(full, wait=wait) as sidecar:
         yield sidecar
-    finally:
-        sidecar.stop()
 
 
 def scrape_value(metrics_url: str, series: str) -> float:

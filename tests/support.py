@@ -126,24 +126,17 @@ def spawn(args: list[str], env: dict[str, str]) -> tuple[subprocess.Popen[str], 
 
 
 @contextlib.contextmanager
-def start_sidecar(
-    tmp_path: Path, *, wait: bool = True, write: bool = True, **env_overrides: str
+def run_sidecar(
+    env: dict[str, str], *, secret_file: Path | None = None, wait: bool = True
 ) -> Iterator[SidecarProcess]:
-    """Run `python -m sidecar serve` on a file secret and free loopback ports."""
-    secret_file = tmp_path / "reditus-secret.json"
-    if write:
-        write_secret(secret_file)
+    """Run `python -m sidecar serve` on free loopback ports; `env` adds or overrides."""
     api_port, metrics_port = free_port(), free_port()
-    env = base_env(
-        REDITUS_SIDECAR_SECRET_SOURCE="file",
-        REDITUS_SIDECAR_SECRET_FILE=str(secret_file),
+    full = base_env(
         REDITUS_SIDECAR_LISTEN=f"127.0.0.1:{api_port}",
         REDITUS_SIDECAR_METRICS_LISTEN=f"127.0.0.1:{metrics_port}",
-        REDITUS_SIDECAR_REFRESH_INTERVAL="1",
-        REDITUS_SIDECAR_BACKOFF_MAX="2",
     )
-    env.update(env_overrides)
-    proc, lines = spawn(["serve"], env)
+    full.update(env)
+    proc, lines = spawn(["serve"], full)
     sidecar = SidecarProcess(
         proc=proc,
         api_url=f"http://127.0.0.1:{api_port}",
@@ -157,6 +150,25 @@ def start_sidecar(
         yield sidecar
     finally:
         sidecar.stop()
+
+
+@contextlib.contextmanager
+def start_sidecar(
+    tmp_path: Path, *, wait: bool = True, write: bool = True, **env_overrides: str
+) -> Iterator[SidecarProcess]:
+    """The sidecar on a file secret (written unless `write=False`), refreshing every second."""
+    secret_file = tmp_path / "reditus-secret.json"
+    if write:
+        write_secret(secret_file)
+    env = {
+        "REDITUS_SIDECAR_SECRET_SOURCE": "file",
+        "REDITUS_SIDECAR_SECRET_FILE": str(secret_file),
+        "REDITUS_SIDECAR_REFRESH_INTERVAL": "1",
+        "REDITUS_SIDECAR_BACKOFF_MAX": "2",
+        **env_overrides,
+    }
+    with run_sidecar(env, secret_file=secret_file, wait=wait) as sidecar:
+        yield sidecar
 
 
 def post_token(
