@@ -8,9 +8,11 @@ from __future__ import annotations
 import asyncio
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from sidecar.metrics import Metrics
 from sidecar.sources.vault import VaultSession, VaultSource
 from sidecar.sources.vault_client import VaultHTTPError, VaultLoginRefused
 from tests.openbao import Bao, logins, sample, service_account_jwt, session_for, unique, write_file
@@ -20,6 +22,31 @@ async def revoke_current(openbao: Bao, session: VaultSession) -> None:
     """Revoke the session's token behind its back, as an operator or expiry would."""
     state = await session.token()
     openbao.root().auth.token.revoke(state.token.reveal())
+
+
+def approle_session(
+    openbao: Bao,
+    kv_path: str,
+    tmp_path: Path,
+    metrics: Metrics,
+    leak_guard: Any,
+    *,
+    secret_id: str | None = None,
+    **role_options: str,
+) -> tuple[VaultSession, VaultSource]:
+    """An AppRole role allowed to read `kv_path`, and a session logging in with it
+    (with `secret_id` instead of the issued one, to test refusals)."""
+    _, role_id, issued = openbao.approle([openbao.read_policy(kv_path)], **role_options)
+    secret_id = secret_id or issued
+    leak_guard.add(secret_id)
+    return session_for(
+        openbao,
+        metrics,
+        REDITUS_SIDECAR_VAULT_AUTH="approle",
+        REDITUS_SIDECAR_VAULT_ROLE_ID=role_id,
+        REDITUS_SIDECAR_VAULT_SECRET_ID_FILE=str(write_file(tmp_path / "sid", secret_id)),
+        REDITUS_SIDECAR_KV_PATH=kv_path,
+    )
 
 
 async def test_token_from_env(openbao, kv_path, vault_metrics, registry, leak_guard) -> None:
@@ -330,17 +357,8 @@ async def _fetch_until(source: VaultSource, done, within: float) -> int:
 async def test_short_ttl_renews_then_logs_in_again_past_max_ttl(
     openbao, kv_path, tmp_path, vault_metrics, registry, leak_guard
 ) -> None:
-    _, role_id, secret_id = openbao.approle(
-        [openbao.read_policy(kv_path)], token_ttl="2s", token_max_ttl="4s"
-    )
-    leak_guard.add(secret_id)
-    session, source = session_for(
-        openbao,
-        vault_metrics,
-        REDITUS_SIDECAR_VAULT_AUTH="approle",
-        REDITUS_SIDECAR_VAULT_ROLE_ID=role_id,
-        REDITUS_SIDECAR_VAULT_SECRET_ID_FILE=str(write_file(tmp_path / "sid", secret_id)),
-        REDITUS_SIDECAR_KV_PATH=kv_path,
+    session, source = approle_session(
+        openbao, kv_path, tmp_path, vault_metrics, leak_guard, token_ttl="2s", token_max_ttl="4s"
     )
     await session.start()
     try:
@@ -368,17 +386,8 @@ async def test_short_ttl_renews_then_logs_in_again_past_max_ttl(
 async def test_non_renewable_token_is_replaced_before_expiry(
     openbao, kv_path, tmp_path, vault_metrics, registry, leak_guard
 ) -> None:
-    _, role_id, secret_id = openbao.approle(
-        [openbao.read_policy(kv_path)], token_type="batch", token_ttl="2s"
-    )
-    leak_guard.add(secret_id)
-    session, source = session_for(
-        openbao,
-        vault_metrics,
-        REDITUS_SIDECAR_VAULT_AUTH="approle",
-        REDITUS_SIDECAR_VAULT_ROLE_ID=role_id,
-        REDITUS_SIDECAR_VAULT_SECRET_ID_FILE=str(write_file(tmp_path / "sid", secret_id)),
-        REDITUS_SIDECAR_KV_PATH=kv_path,
+    session, source = approle_session(
+        openbao, kv_path, tmp_path, vault_metrics, leak_guard, token_type="batch", token_ttl="2s"
     )
     await session.start()
     try:
@@ -391,16 +400,7 @@ async def test_non_renewable_token_is_replaced_before_expiry(
 async def test_concurrent_fetches_share_one_login(
     openbao, kv_path, tmp_path, vault_metrics, registry, leak_guard
 ) -> None:
-    _, role_id, secret_id = openbao.approle([openbao.read_policy(kv_path)])
-    leak_guard.add(secret_id)
-    session, source = session_for(
-        openbao,
-        vault_metrics,
-        REDITUS_SIDECAR_VAULT_AUTH="approle",
-        REDITUS_SIDECAR_VAULT_ROLE_ID=role_id,
-        REDITUS_SIDECAR_VAULT_SECRET_ID_FILE=str(write_file(tmp_path / "sid", secret_id)),
-        REDITUS_SIDECAR_KV_PATH=kv_path,
-    )
+    session, source = approle_session(openbao, kv_path, tmp_path, vault_metrics, leak_guard)
     await session.start()
     try:
         results = await asyncio.gather(*(source.fetch() for _ in range(20)))
@@ -413,16 +413,13 @@ async def test_concurrent_fetches_share_one_login(
 async def test_failed_login_backs_off_instead_of_storming(
     openbao, kv_path, tmp_path: Path, vault_metrics, registry, leak_guard
 ) -> None:
-    _, role_id, _ = openbao.approle([openbao.read_policy(kv_path)])
-    wrong = "deadbeef-0000-0000-0000-000000000000"
-    leak_guard.add(wrong)
-    session, source = session_for(
+    session, source = approle_session(
         openbao,
+        kv_path,
+        tmp_path,
         vault_metrics,
-        REDITUS_SIDECAR_VAULT_AUTH="approle",
-        REDITUS_SIDECAR_VAULT_ROLE_ID=role_id,
-        REDITUS_SIDECAR_VAULT_SECRET_ID_FILE=str(write_file(tmp_path / "sid", wrong)),
-        REDITUS_SIDECAR_KV_PATH=kv_path,
+        leak_guard,
+        secret_id="deadbeef-0000-0000-0000-000000000000",
     )
     try:
         outcomes = await asyncio.gather(
