@@ -372,6 +372,33 @@ def logins(registry: CollectorRegistry, method: str, result: str = "success") ->
     return sample(registry, "reditus_sidecar_vault_login_total", method=method, result=result)
 
 
+def approle_session(
+    openbao: Bao,
+    kv_path: str,
+    tmp_path: Path,
+    metrics: Metrics,
+    leak_guard: Any,
+    *,
+    secret_id: str | None = None,
+    policy: str | None = None,
+    **role_options: str,
+) -> tuple[VaultSession, VaultSource]:
+    """An AppRole role with `policy` (default: read on `kv_path`) and a session logging in
+    with it (with `secret_id` instead of the issued one, to test refusals)."""
+    policies = [policy or openbao.read_policy(kv_path)]
+    _, role_id, issued = openbao.approle(policies, **role_options)
+    secret_id = secret_id or issued
+    leak_guard.add(secret_id)
+    return session_for(
+        openbao,
+        metrics,
+        REDITUS_SIDECAR_VAULT_AUTH="approle",
+        REDITUS_SIDECAR_VAULT_ROLE_ID=role_id,
+        REDITUS_SIDECAR_VAULT_SECRET_ID_FILE=str(write_file(tmp_path / "sid", secret_id)),
+        REDITUS_SIDECAR_KV_PATH=kv_path,
+    )
+
+
 def session_for(
     openbao: Bao, metrics: Metrics | None, **env: str
 ) -> tuple[VaultSession, VaultSource]:

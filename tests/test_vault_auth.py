@@ -8,45 +8,27 @@ from __future__ import annotations
 import asyncio
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from sidecar.metrics import Metrics
 from sidecar.sources.vault import VaultSession, VaultSource
 from sidecar.sources.vault_client import VaultHTTPError, VaultLoginRefused
-from tests.openbao import Bao, logins, sample, service_account_jwt, session_for, unique, write_file
+from tests.openbao import (
+    Bao,
+    approle_session,
+    logins,
+    sample,
+    service_account_jwt,
+    session_for,
+    unique,
+    write_file,
+)
 
 
 async def revoke_current(openbao: Bao, session: VaultSession) -> None:
     """Revoke the session's token behind its back, as an operator or expiry would."""
     state = await session.token()
     openbao.root().auth.token.revoke(state.token.reveal())
-
-
-def approle_session(
-    openbao: Bao,
-    kv_path: str,
-    tmp_path: Path,
-    metrics: Metrics,
-    leak_guard: Any,
-    *,
-    secret_id: str | None = None,
-    **role_options: str,
-) -> tuple[VaultSession, VaultSource]:
-    """An AppRole role allowed to read `kv_path`, and a session logging in with it
-    (with `secret_id` instead of the issued one, to test refusals)."""
-    _, role_id, issued = openbao.approle([openbao.read_policy(kv_path)], **role_options)
-    secret_id = secret_id or issued
-    leak_guard.add(secret_id)
-    return session_for(
-        openbao,
-        metrics,
-        REDITUS_SIDECAR_VAULT_AUTH="approle",
-        REDITUS_SIDECAR_VAULT_ROLE_ID=role_id,
-        REDITUS_SIDECAR_VAULT_SECRET_ID_FILE=str(write_file(tmp_path / "sid", secret_id)),
-        REDITUS_SIDECAR_KV_PATH=kv_path,
-    )
 
 
 async def test_token_from_env(openbao, kv_path, vault_metrics, registry, leak_guard) -> None:
@@ -175,16 +157,9 @@ async def test_approle_on_a_custom_mount(openbao, kv_path, tmp_path, leak_guard)
 
 
 async def test_approle_refused(openbao, kv_path, tmp_path, vault_metrics, registry, leak_guard):
-    _, role_id, _ = openbao.approle([openbao.read_policy(kv_path)])
     wrong = "00000000-0000-0000-0000-" + "1" * 12
-    leak_guard.add(wrong)
-    session, source = session_for(
-        openbao,
-        vault_metrics,
-        REDITUS_SIDECAR_VAULT_AUTH="approle",
-        REDITUS_SIDECAR_VAULT_ROLE_ID=role_id,
-        REDITUS_SIDECAR_VAULT_SECRET_ID_FILE=str(write_file(tmp_path / "sid", wrong)),
-        REDITUS_SIDECAR_KV_PATH=kv_path,
+    session, source = approle_session(
+        openbao, kv_path, tmp_path, vault_metrics, leak_guard, secret_id=wrong
     )
     try:
         with pytest.raises(VaultLoginRefused) as caught:

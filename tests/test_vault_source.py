@@ -12,7 +12,7 @@ from sidecar.config import Product
 from sidecar.errors import SecretInvalid, SecretUnavailable
 from sidecar.sources.vault import VaultSession, VaultSource
 from sidecar.sources.vault_client import VaultPermissionDenied
-from tests.openbao import Bao, logins, session_for, unique, write_file
+from tests.openbao import Bao, approle_session, logins, session_for, unique, write_file
 
 
 async def test_reads_id_secret_and_version(openbao, kv_path, leak_guard) -> None:
@@ -122,15 +122,8 @@ async def test_permission_denied_after_policy_change(
     openbao, kv_path, tmp_path, vault_metrics, registry, leak_guard
 ) -> None:
     policy = openbao.read_policy(kv_path)
-    _, role_id, secret_id = openbao.approle([policy])
-    leak_guard.add(secret_id)
-    session, source = session_for(
-        openbao,
-        vault_metrics,
-        REDITUS_SIDECAR_VAULT_AUTH="approle",
-        REDITUS_SIDECAR_VAULT_ROLE_ID=role_id,
-        REDITUS_SIDECAR_VAULT_SECRET_ID_FILE=str(write_file(tmp_path / "sid", secret_id)),
-        REDITUS_SIDECAR_KV_PATH=kv_path,
+    session, source = approle_session(
+        openbao, kv_path, tmp_path, vault_metrics, leak_guard, policy=policy
     )
     try:
         assert (await source.fetch()).version == 1
