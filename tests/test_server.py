@@ -361,3 +361,30 @@ def test_debug_logs_carry_the_request_id_and_text_format_works(tmp_path: Path) -
         pass
     assert any(line.startswith("info") and "secret loaded" in line for line in sidecar.lines)
     assert sidecar.log_records() == []
+
+
+def test_two_products_from_a_config_file(tmp_path: Path) -> None:
+    default_file, shop_file = tmp_path / "default.json", tmp_path / "shop.json"
+    write_secret(default_file, "prod-default", TEST_SECRET)
+    shop_secret = "shop-secret-" + "s" * 60
+    write_secret(shop_file, "prod-shop", shop_secret)
+    config = tmp_path / "sidecar.toml"
+    config.write_text(
+        'secret_source = "file"\n'
+        f'[products.default]\nsecret_file = "{default_file}"\n'
+        f'[products.shop-eu]\nsecret_file = "{shop_file}"\n'
+    )
+    with start_sidecar(tmp_path, write=False, REDITUS_SIDECAR_CONFIG=str(config)) as sidecar:
+        status, body = post_token(sidecar.api_url, {"userId": "u", "product": "shop-eu"})
+        assert status == 200
+        claims = jwt.decode(str(body["token"]), shop_secret, algorithms=["HS512"])
+        assert claims["ProductId"] == "prod-shop"
+        status, body = post_token(sidecar.api_url, {"userId": "u"})
+        assert jwt.decode(str(body["token"]), TEST_SECRET, algorithms=["HS512"])["ProductId"] == (
+            "prod-default"
+        )
+        status, body = post_token(sidecar.api_url, {"userId": "u", "product": "shop-us"})
+        assert (status, body["error"]["code"]) == (404, "unknown_product")  # type: ignore[index]
+        text = scrape(sidecar.metrics_url)
+    assert metric_value(text, 'reditus_sidecar_tokens_issued_total{product="shop-eu"}') == 1
+    assert metric_value(text, 'reditus_sidecar_tokens_issued_total{product="default"}') == 1
