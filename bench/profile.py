@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import re
 import shutil
 import subprocess
 import sys
@@ -26,7 +27,8 @@ def summarize(raw: Path, top: int) -> str:
     total = 0
     for line in raw.read_text().splitlines():
         stack, count = line.rsplit(" ", 1)
-        frames = stack.split(";")
+        # per function, not per line: "handle (sidecar/api.py:164)" -> "handle (sidecar/api.py)"
+        frames = [re.sub(r":\d+\)$", ")", frame) for frame in stack.split(";")]
         total += int(count)
         own[frames[-1]] += int(count)
         for frame in set(frames):
