@@ -255,6 +255,13 @@ def bao_cli(bao: object, *args: str, stdin: str | None = None) -> str:
     return result.stdout
 
 
+def put_secret(bao: object, secret: str = SECRET, product_id: str = PRODUCT_ID) -> str:
+    """Write a new version of secret/reditus (what an operator's rotation does)."""
+    return bao_cli(
+        bao, "kv", "put", "secret/reditus", f"product_id={product_id}", f"product_secret={secret}"
+    )
+
+
 def machine() -> str:
     """One line naming the machine, for the tables."""
     model = "unknown CPU"

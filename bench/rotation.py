@@ -162,14 +162,7 @@ def file_sidecar(tmp: Path) -> Iterator[tuple[Server, Callable[[str], Awaitable[
 def vault_sidecar(interval: float) -> Iterator[tuple[Server, Callable[[str], Awaitable[None]]]]:
     with common.openbao() as bao:
         addr, token = bao.addr, bao.root_token  # type: ignore[attr-defined]
-        common.bao_cli(
-            bao,
-            "kv",
-            "put",
-            "secret/reditus",
-            f"product_id={PRODUCT_ID}",
-            f"product_secret={secret_for(0)}",
-        )
+        common.put_secret(bao, secret_for(0))
         port = common.free_port()
         env = common.clean_env(
             REDITUS_SIDECAR_SECRET_SOURCE="vault",

@@ -56,14 +56,7 @@ def sidecar_file(launcher: list[str]) -> Iterator[Server]:
 def sidecar_vault() -> Iterator[Server]:
     """`reditus-sidecar serve` reading KV v2 from an OpenBao dev server."""
     with common.openbao() as bao:
-        common.bao_cli(
-            bao,
-            "kv",
-            "put",
-            "secret/reditus",
-            f"product_id={PRODUCT_ID}",
-            f"product_secret={SECRET}",
-        )
+        common.put_secret(bao, SECRET)
         port = common.free_port()
         env = sidecar_env(
             port,

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import common
-from common import PRODUCT_ID, PYTHON, SECRET, Server
+from common import PYTHON, SECRET, Server
 
 
 @contextlib.contextmanager
@@ -39,14 +39,7 @@ def sidecar(source: str) -> Iterator[Server]:
             )
         else:
             bao = stack.enter_context(common.openbao(core=common.LOAD_CORE))
-            common.bao_cli(
-                bao,
-                "kv",
-                "put",
-                "secret/reditus",
-                f"product_id={PRODUCT_ID}",
-                f"product_secret={SECRET}",
-            )
+            common.put_secret(bao, SECRET)
             env.update(
                 REDITUS_SIDECAR_SECRET_SOURCE="vault",
                 VAULT_ADDR=bao.addr,  # type: ignore[attr-defined]
