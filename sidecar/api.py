@@ -51,12 +51,21 @@ _DECODER = json.JSONDecoder(parse_constant=_no_constants)
 class ApiError(Exception):
     """A refused request: status, error code and a caller-facing message."""
 
-    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None):
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        headers: dict[str, str] | None = None,
+        *,
+        close: bool = False,
+    ):
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
         self.headers = headers or {}
+        self.close = close  # drop the connection after answering
 
 
 def error_response(error: ApiError, request_id: str) -> web.Response:
@@ -65,8 +74,8 @@ def error_response(error: ApiError, request_id: str) -> web.Response:
     response = web.Response(
         status=error.status, text=body, content_type="application/json", headers=headers
     )
-    if error.status == 408:
-        response.force_close()  # the rest of a stalled body is not worth waiting for
+    if error.close:
+        response.force_close()
     return response
 
 
@@ -134,7 +143,6 @@ class TokenHandler:
     ) -> None:
         self.store = store
         self.body_timeout = body_timeout
-        self.metrics = metrics
         self.require_header = require_header
         self.clock = clock
         self.retry_after = retry_after
@@ -161,6 +169,8 @@ class TokenHandler:
         endpoint = "token" if request.path == TOKEN_PATH else "other"
         self.in_flight += 1
         try:
+            if endpoint != "token":  # checked first: an unknown path answers 404, whatever else
+                raise ApiError(404, "not_found", f"no such endpoint; POST {TOKEN_PATH}")
             response: web.StreamResponse = await self._sign(request, request_id)
         except ApiError as error:
             self._errors[error.code].inc()
@@ -194,11 +204,10 @@ class TokenHandler:
                 408,
                 "request_timeout",
                 f"the body did not arrive within {self.body_timeout:g} s",
+                close=True,  # the rest of a stalled body is not worth waiting for
             ) from None
 
     async def _sign(self, request: web.Request, request_id: str) -> web.Response:
-        if request.path != TOKEN_PATH:
-            raise ApiError(404, "not_found", f"no such endpoint; POST {TOKEN_PATH}")
         if request.method != "POST":
             raise ApiError(
                 405, "method_not_allowed", f"use POST {TOKEN_PATH}", headers={"Allow": "POST"}

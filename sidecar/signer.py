@@ -79,7 +79,7 @@ class TokenSigner:
         #: the product id as a JSON string literal, for the API's response body too
         self.product_id_json = json_string(product_id)
         self._prefix = '{"ProductId":' + self.product_id_json + ',"UserId":'
-        #: PyJWT's advice on short keys, logged once per secret instead of per token.
+        #: RFC 7518's advice on short keys, logged once per secret instead of per token.
         self.key_length_warning = key_length_warning(self._key)
 
     def sign(self, user_id: str, iat: int) -> str:
