@@ -49,8 +49,6 @@ def _settings(args: argparse.Namespace, *, one_shot: bool = False) -> Settings:
         log.warning(
             "ignoring unknown variables (typo?)", extra={"detail": ", ".join(settings.unknown_env)}
         )
-    if settings.secret_source == "vault" and settings.vault.skip_verify:
-        log.warning("VAULT_SKIP_VERIFY is set: Vault's TLS certificate is NOT verified")
     return settings
 
 
@@ -61,11 +59,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return _run(lambda: serve(settings))
 
 
-async def _read_all(settings: Settings, metrics: Any = None) -> dict[str, Any]:
+async def _read_all(settings: Settings) -> dict[str, Any]:
     """Fetch every product once; a product maps to its material or its error."""
     from .sources.factory import build_sources
 
-    sources = build_sources(settings, metrics)
+    sources = build_sources(settings)
     results: dict[str, Any] = {}
     await sources.start()
     try:

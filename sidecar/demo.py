@@ -21,12 +21,11 @@ import tempfile
 import urllib.request
 from pathlib import Path
 from types import FrameType
-from typing import Any
 
 import hvac
 
 from . import logs
-from .config import load_settings, parse_address
+from .config import Address, load_settings, parse_address
 from .devserver import BaoNotFound, OpenBaoDevServer, find_bao
 from .errors import ConfigError
 
@@ -176,7 +175,8 @@ def main(argv: list[str]) -> int:
             "REDITUS_SIDECAR_LOG_FORMAT": "text",
         }
         say("starting the sidecar (AppRole auth) ...")
-        code = asyncio.run(run_sidecar(env, banner(args, bao, product_id), f"http://{metrics}"))
+        lines = banner(listen, metrics, args.refresh_interval, bao, product_id)
+        code = asyncio.run(run_sidecar(env, lines, f"http://{metrics}"))
         if code != 0:
             say(f"the sidecar stopped with exit code {code} (port taken? see --listen)")
         return code
@@ -197,10 +197,10 @@ def main(argv: list[str]) -> int:
         signal.signal(signal.SIGTERM, previous)
 
 
-def banner(args: Any, bao: OpenBaoDevServer, product_id: str) -> list[str]:
+def banner(
+    listen: Address, metrics: Address, interval: float, bao: OpenBaoDevServer, product_id: str
+) -> list[str]:
     """The ready message: a curl line, the metrics URL, and how to rotate."""
-    listen = parse_address(args.listen, "--listen", loopback_only=True)
-    metrics = parse_address(args.metrics_listen, "--metrics-listen", loopback_only=False)
     curl = (
         f"curl -s -X POST http://{listen}/v1/token -H 'Content-Type: application/json' "
         "-H 'X-Sidecar-Request: true' -d '{\"userId\": \"u-123\"}'"
@@ -216,7 +216,7 @@ def banner(args: Any, bao: OpenBaoDevServer, product_id: str) -> list[str]:
         f"    {curl}",
         "",
         f"[demo] metrics: http://{metrics}/metrics   health: http://{metrics}/readyz",
-        f"[demo] rotate the secret (the sidecar picks it up within {args.refresh_interval:g} s):",
+        f"[demo] rotate the secret (the sidecar picks it up within {interval:g} s):",
         "",
         f"    {rotate}",
         "",
