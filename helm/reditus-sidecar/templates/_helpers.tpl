@@ -108,19 +108,6 @@ reditus-sidecar.image: the sidecar image reference: [registry/]repository, then
 {{- end }}
 
 {{/*
-reditus-sidecar.usesVault: "true" when the sidecar logs in to Vault itself.
-reditus-sidecar.usesSAToken: "true" when it needs the projected service-account token
-(vault source with the kubernetes or jwt method).
-*/}}
-{{- define "reditus-sidecar.usesVault" -}}
-{{- if eq .Values.sidecar.source "vault" }}true{{ end }}
-{{- end }}
-
-{{- define "reditus-sidecar.usesSAToken" -}}
-{{- if and (eq .Values.sidecar.source "vault") (has .Values.sidecar.vault.auth.method (list "kubernetes" "jwt")) }}true{{ end }}
-{{- end }}
-
-{{/*
 reditus-sidecar.validate: fails rendering on combinations that cannot work (the schema
 checks single values; this checks how they fit together). Returns nothing otherwise.
 */}}
