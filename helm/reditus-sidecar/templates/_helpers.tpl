@@ -418,3 +418,22 @@ reditus-sidecar.metricsServiceEnabled: "true" when the metrics Service is render
 {{- define "reditus-sidecar.metricsServiceEnabled" -}}
 {{- if or .Values.metrics.service.enabled .Values.metrics.serviceMonitor.enabled }}true{{ end }}
 {{- end }}
+
+{{/*
+reditus-sidecar.scrapeEndpoint: the one scrape endpoint (a list item) of the PodMonitor and
+the ServiceMonitor: port ops, /metrics. Takes metrics.podMonitor or metrics.serviceMonitor.
+*/}}
+{{- define "reditus-sidecar.scrapeEndpoint" -}}
+- port: ops
+  path: /metrics
+  interval: {{ .interval }}
+  scrapeTimeout: {{ .scrapeTimeout }}
+  {{- with .relabelings }}
+  relabelings:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with .metricRelabelings }}
+  metricRelabelings:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+{{- end }}
