@@ -162,35 +162,34 @@ class VaultSession:
         while True:
             self._wake.clear()  # before reading the state: a login after this wakes us
             state = self._state
-            if not self._usable(state):
-                with contextlib.suppress(SourceError):
-                    if not self._usable(await self.login(stale=state)):
-                        # A token file still holding a dying token: wait for its writer.
-                        await asyncio.sleep(STALE_TOKEN_PAUSE)
+            if state is not None and self._usable(state):
+                due = self._due_at(state)
+                wait = None if due is None else due - time.monotonic()
+                if wait is None or wait > 0:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._wake.wait(), wait)
                     continue
-                await asyncio.sleep(max(0.05, self._not_before - time.monotonic()))
-                continue
-            assert state is not None
-            due = self._due_at(state)
-            now = time.monotonic()
-            if due is None or now < due:
-                timeout = None if due is None else due - now
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), timeout)
-                continue
-            if state.renewable and not state.capped:
-                if await self._renew(state):
-                    renew_failures = 0
+                if state.renewable and not state.capped:
+                    if await self._renew(state):
+                        renew_failures = 0
+                        continue
+                    renew_failures += 1
+                    left = (state.expires_at or time.monotonic()) - time.monotonic()
+                    delay = backoff_delay(renew_failures, self.backoff_max, self._rng)
+                    await asyncio.sleep(max(0.05, min(delay, left / 2)))
                     continue
-                renew_failures += 1
-                left = (state.expires_at or now) - now
-                delay = backoff_delay(renew_failures, self.backoff_max, self._rng)
-                await asyncio.sleep(max(0.05, min(delay, left / 2)))
-                continue
-            with contextlib.suppress(SourceError):
-                await self.login(stale=state)
-                continue
+            await self._relogin(state)
+
+    async def _relogin(self, stale: TokenState | None) -> None:
+        """Replace `stale`; after a failure, wait out the login backoff."""
+        try:
+            fresh = await self.login(stale=stale)
+        except SourceError:
             await asyncio.sleep(max(0.05, self._not_before - time.monotonic()))
+            return
+        if not self._usable(fresh):
+            # A token file still holding a dying token: give its writer time.
+            await asyncio.sleep(STALE_TOKEN_PAUSE)
 
     async def _renew(self, state: TokenState) -> bool:
         """Renew once; a refused renewal marks the token for a new login."""
