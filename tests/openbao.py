@@ -101,6 +101,53 @@ class Bao:
             ]
         return name, role_id, secret_id
 
+    def jwt_role(
+        self,
+        mount: str,
+        policy: str,
+        *,
+        subject: str = "system:serviceaccount:shop:web",
+        **extra: object,
+    ) -> str:
+        """A fresh `jwt` role for tokens with audience `vault` and this subject."""
+        role = unique("jwt")
+        self.root().write_data(
+            f"auth/{mount}/role/{role}",
+            data={
+                "role_type": "jwt",
+                "bound_audiences": ["vault"],
+                "user_claim": "sub",
+                "bound_subject": subject,
+                "token_policies": [policy],
+                "token_ttl": "60s",
+                **extra,
+            },
+        )
+        return role
+
+    def k8s_role(
+        self,
+        mount: str,
+        policy: str,
+        *,
+        namespace: str = "shop",
+        account: str = "web",
+        **extra: object,
+    ) -> str:
+        """A fresh `kubernetes` role bound to one service account."""
+        role = unique("k8s")
+        self.root().write_data(
+            f"auth/{mount}/role/{role}",
+            data={
+                "bound_service_account_names": [account],
+                "bound_service_account_namespaces": [namespace],
+                "token_policies": [policy],
+                "token_ttl": "60s",
+                **extra,
+            },
+        )
+        return role
+
     def secret_id(self, role: str, mount: str = "approle") -> str:
         return str(
             self.root().auth.approle.generate_secret_id(role, mount_point=mount)["data"][

@@ -20,7 +20,7 @@ from typing import Any
 import jwt
 import yaml
 
-from tests.openbao import Bao, service_account_jwt, unique
+from tests.openbao import Bao, service_account_jwt
 from tests.support import ROOT, base_env
 from tests.test_helm import NAMESPACE, RELEASE, helm_template, of_kind, sidecar_container
 
@@ -105,16 +105,12 @@ def test_kubernetes_auth_scenario_signs_over_tls(
     assert openbao.tls_addr is not None
     assert openbao.ca_file is not None
     account = f"{RELEASE}-reditus-sidecar"  # the ServiceAccount the chart creates
-    role = unique("k8s")
-    openbao.root().write_data(
-        f"auth/{mount}/role/{role}",
-        data={
-            "bound_service_account_names": [account],
-            "bound_service_account_namespaces": [NAMESPACE],
-            "audience": "https://vault.example.com",
-            "token_policies": [openbao.read_policy(kv_path)],
-            "token_ttl": "60s",
-        },
+    role = openbao.k8s_role(
+        mount,
+        openbao.read_policy(kv_path),
+        namespace=NAMESPACE,
+        account=account,
+        audience="https://vault.example.com",
     )
     spec = render(
         "kubernetes-auth-values.yaml",
@@ -169,19 +165,9 @@ def test_jwt_scenario_signs(
     openbao: Bao, kv_path: str, jwt_auth: tuple[str, Any], tmp_path: Path
 ) -> None:
     mount, key = jwt_auth
-    role = unique("jwt")
-    openbao.root().write_data(
-        f"auth/{mount}/role/{role}",
-        data={
-            "role_type": "jwt",
-            "bound_audiences": ["vault"],
-            "user_claim": "sub",
-            # The scenario runs as the existing ServiceAccount "shop".
-            "bound_subject": f"system:serviceaccount:{NAMESPACE}:shop",
-            "token_policies": [openbao.read_policy(kv_path)],
-            "token_ttl": "60s",
-        },
-    )
+    # The scenario runs as the existing ServiceAccount "shop".
+    subject = f"system:serviceaccount:{NAMESPACE}:shop"
+    role = openbao.jwt_role(mount, openbao.read_policy(kv_path), subject=subject)
     spec = render(
         "jwt-values.yaml",
         **{

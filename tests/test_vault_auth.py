@@ -20,7 +20,6 @@ from tests.openbao import (
     sample,
     service_account_jwt,
     session_for,
-    unique,
     write_file,
 )
 
@@ -173,28 +172,11 @@ async def test_approle_refused(openbao, kv_path, tmp_path, vault_metrics, regist
         await session.close()
 
 
-def _jwt_role(openbao: Bao, mount: str, policy: str, **extra: object) -> str:
-    role = unique("jwt")
-    openbao.root().write_data(
-        f"auth/{mount}/role/{role}",
-        data={
-            "role_type": "jwt",
-            "bound_audiences": ["vault"],
-            "user_claim": "sub",
-            "bound_subject": "system:serviceaccount:shop:web",
-            "token_policies": [policy],
-            "token_ttl": "60s",
-            **extra,
-        },
-    )
-    return role
-
-
 async def test_jwt_rereads_token_file(
     openbao, kv_path, tmp_path, jwt_auth, vault_metrics, registry, leak_guard
 ) -> None:
     mount, key = jwt_auth
-    role = _jwt_role(openbao, mount, openbao.read_policy(kv_path))
+    role = openbao.jwt_role(mount, openbao.read_policy(kv_path))
     first, second = service_account_jwt(key), service_account_jwt(key, lifetime=900)
     leak_guard.add(first, second)
     jwt_file = write_file(tmp_path / "token", first)
@@ -223,7 +205,7 @@ async def test_jwt_signed_by_another_key_is_refused(
     from tests.openbao import rsa_key
 
     mount, _ = jwt_auth
-    role = _jwt_role(openbao, mount, openbao.read_policy(kv_path))
+    role = openbao.jwt_role(mount, openbao.read_policy(kv_path))
     forged = service_account_jwt(rsa_key())
     leak_guard.add(forged)
     session, source = session_for(
@@ -244,26 +226,12 @@ async def test_jwt_signed_by_another_key_is_refused(
         await session.close()
 
 
-def _k8s_role(openbao: Bao, mount: str, policy: str) -> str:
-    role = unique("k8s")
-    openbao.root().write_data(
-        f"auth/{mount}/role/{role}",
-        data={
-            "bound_service_account_names": ["web"],
-            "bound_service_account_namespaces": ["shop"],
-            "token_policies": [policy],
-            "token_ttl": "60s",
-        },
-    )
-    return role
-
-
 async def test_kubernetes_login_and_token_rotation(
     openbao, kv_path, tmp_path, jwt_auth, k8s_auth, vault_metrics, registry, leak_guard
 ) -> None:
     _, key = jwt_auth
     mount, reviewer = k8s_auth
-    role = _k8s_role(openbao, mount, openbao.read_policy(kv_path))
+    role = openbao.k8s_role(mount, openbao.read_policy(kv_path))
     first, second = service_account_jwt(key), service_account_jwt(key, lifetime=900)
     leak_guard.add(first, second)
     reviewer.accepted.add(first)
@@ -296,7 +264,7 @@ async def test_kubernetes_token_refused_by_token_review(
 ) -> None:
     _, key = jwt_auth
     mount, _ = k8s_auth
-    role = _k8s_role(openbao, mount, openbao.read_policy(kv_path))
+    role = openbao.k8s_role(mount, openbao.read_policy(kv_path))
     unknown = service_account_jwt(key)
     leak_guard.add(unknown)
     session, source = session_for(
