@@ -23,30 +23,15 @@
 #
 # Prints the REDITUS_SIDECAR_* variables the sidecar needs (never the secret id).
 set -euo pipefail
+name=setup-approle
 here=$(cd "$(dirname "$0")" && pwd)
-cli=${VAULT_CLI:-$(command -v bao || command -v vault || true)}
-if [[ -z $cli ]]; then
-    echo "setup-approle: neither bao nor vault is on PATH (set VAULT_CLI)" >&2
-    exit 1
-fi
-: "${VAULT_ADDR:?setup-approle: set VAULT_ADDR}"
-KV_MOUNT=${KV_MOUNT:-secret}
-KV_PATH=${KV_PATH:-reditus}
-POLICY=${POLICY:-reditus-sidecar}
+# shellcheck source=common.sh
+source "$here/common.sh"
 AUTH_MOUNT=${AUTH_MOUNT:-approle}
-ROLE=${ROLE:-reditus-sidecar}
 
-# The policy file names secret/data/reditus; point it at the configured secret.
-sed "s#\"secret/data/reditus\"#\"${KV_MOUNT}/data/${KV_PATH}\"#" "$here/reditus-sidecar.hcl" \
-    | "$cli" policy write "$POLICY" - >/dev/null
-echo "policy $POLICY: read on ${KV_MOUNT}/data/${KV_PATH}" >&2
+write_policy
+enable_auth approle
 
-# Captured first: `grep -q` closing the pipe early would fail the pipeline under pipefail.
-mounts=$("$cli" auth list -format=json)
-if [[ $mounts != *"\"${AUTH_MOUNT}/\""* ]]; then
-    "$cli" auth enable -path="$AUTH_MOUNT" approle >/dev/null
-    echo "enabled AppRole at auth/$AUTH_MOUNT" >&2
-fi
 "$cli" write "auth/$AUTH_MOUNT/role/$ROLE" \
     token_policies="$POLICY" \
     token_ttl="${TOKEN_TTL:-1h}" \
@@ -63,8 +48,4 @@ if [[ -n ${SECRET_ID_FILE:-} ]]; then
     echo "new secret id written to $SECRET_ID_FILE" >&2
 fi
 
-echo "REDITUS_SIDECAR_VAULT_AUTH=approle"
-echo "REDITUS_SIDECAR_VAULT_AUTH_MOUNT=$AUTH_MOUNT"
-echo "REDITUS_SIDECAR_VAULT_ROLE_ID=$role_id"
-echo "REDITUS_SIDECAR_KV_MOUNT=$KV_MOUNT"
-echo "REDITUS_SIDECAR_KV_PATH=$KV_PATH"
+print_env approle "VAULT_ROLE_ID=$role_id"

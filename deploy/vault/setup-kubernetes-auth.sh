@@ -29,32 +29,17 @@
 #
 # Prints the REDITUS_SIDECAR_* variables the sidecar needs.
 set -euo pipefail
+name=setup-kubernetes-auth
 here=$(cd "$(dirname "$0")" && pwd)
-cli=${VAULT_CLI:-$(command -v bao || command -v vault || true)}
-if [[ -z $cli ]]; then
-    echo "setup-kubernetes-auth: neither bao nor vault is on PATH (set VAULT_CLI)" >&2
-    exit 1
-fi
-: "${VAULT_ADDR:?setup-kubernetes-auth: set VAULT_ADDR}"
+# shellcheck source=common.sh
+source "$here/common.sh"
 : "${KUBERNETES_HOST:?setup-kubernetes-auth: set KUBERNETES_HOST (the API server URL)}"
-KV_MOUNT=${KV_MOUNT:-secret}
-KV_PATH=${KV_PATH:-reditus}
-POLICY=${POLICY:-reditus-sidecar}
 AUTH_MOUNT=${AUTH_MOUNT:-kubernetes}
-ROLE=${ROLE:-reditus-sidecar}
 NAMESPACE=${NAMESPACE:-default}
 SERVICE_ACCOUNT=${SERVICE_ACCOUNT:-default}
 
-sed "s#\"secret/data/reditus\"#\"${KV_MOUNT}/data/${KV_PATH}\"#" "$here/reditus-sidecar.hcl" \
-    | "$cli" policy write "$POLICY" - >/dev/null
-echo "policy $POLICY: read on ${KV_MOUNT}/data/${KV_PATH}" >&2
-
-# Captured first: `grep -q` closing the pipe early would fail the pipeline under pipefail.
-mounts=$("$cli" auth list -format=json)
-if [[ $mounts != *"\"${AUTH_MOUNT}/\""* ]]; then
-    "$cli" auth enable -path="$AUTH_MOUNT" kubernetes >/dev/null
-    echo "enabled Kubernetes auth at auth/$AUTH_MOUNT" >&2
-fi
+write_policy
+enable_auth kubernetes
 
 config=(kubernetes_host="$KUBERNETES_HOST")
 [[ -n ${KUBERNETES_CA_CERT:-} ]] && config+=(kubernetes_ca_cert="@$KUBERNETES_CA_CERT")
@@ -74,8 +59,4 @@ role=(
 "$cli" write "auth/$AUTH_MOUNT/role/$ROLE" "${role[@]}" >/dev/null
 echo "role $ROLE: service account $NAMESPACE/$SERVICE_ACCOUNT -> policy $POLICY" >&2
 
-echo "REDITUS_SIDECAR_VAULT_AUTH=kubernetes"
-echo "REDITUS_SIDECAR_VAULT_AUTH_MOUNT=$AUTH_MOUNT"
-echo "REDITUS_SIDECAR_VAULT_ROLE=$ROLE"
-echo "REDITUS_SIDECAR_KV_MOUNT=$KV_MOUNT"
-echo "REDITUS_SIDECAR_KV_PATH=$KV_PATH"
+print_env kubernetes "VAULT_ROLE=$ROLE"
