@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from sidecar.metrics import Metrics
 from sidecar.sources.vault import VaultSession, VaultSource
 from sidecar.sources.vault_client import VaultHTTPError, VaultLoginRefused
 from tests.openbao import (
@@ -172,6 +173,20 @@ async def test_approle_refused(openbao, kv_path, tmp_path, vault_metrics, regist
         await session.close()
 
 
+def role_session(
+    openbao: Bao, metrics: Metrics | None, method: str, role: str, jwt_file: Path, kv_path: str
+) -> tuple[VaultSession, VaultSource]:
+    """A `jwt` or `kubernetes` login with `role`, reading its token from `jwt_file`."""
+    return session_for(
+        openbao,
+        metrics,
+        REDITUS_SIDECAR_VAULT_AUTH=method,
+        REDITUS_SIDECAR_VAULT_ROLE=role,
+        REDITUS_SIDECAR_VAULT_JWT_FILE=str(jwt_file),
+        REDITUS_SIDECAR_KV_PATH=kv_path,
+    )
+
+
 async def test_jwt_rereads_token_file(
     openbao, kv_path, tmp_path, jwt_auth, vault_metrics, registry, leak_guard
 ) -> None:
@@ -180,14 +195,7 @@ async def test_jwt_rereads_token_file(
     first, second = service_account_jwt(key), service_account_jwt(key, lifetime=900)
     leak_guard.add(first, second)
     jwt_file = write_file(tmp_path / "token", first)
-    session, source = session_for(
-        openbao,
-        vault_metrics,
-        REDITUS_SIDECAR_VAULT_AUTH="jwt",
-        REDITUS_SIDECAR_VAULT_ROLE=role,
-        REDITUS_SIDECAR_VAULT_JWT_FILE=str(jwt_file),
-        REDITUS_SIDECAR_KV_PATH=kv_path,
-    )
+    session, source = role_session(openbao, vault_metrics, "jwt", role, jwt_file, kv_path)
     try:
         assert (await source.fetch()).version == 1
         # The projected token rotates; the next login must use the new file content.
@@ -208,13 +216,8 @@ async def test_jwt_signed_by_another_key_is_refused(
     role = openbao.jwt_role(mount, openbao.read_policy(kv_path))
     forged = service_account_jwt(rsa_key())
     leak_guard.add(forged)
-    session, source = session_for(
-        openbao,
-        None,
-        REDITUS_SIDECAR_VAULT_AUTH="jwt",
-        REDITUS_SIDECAR_VAULT_ROLE=role,
-        REDITUS_SIDECAR_VAULT_JWT_FILE=str(write_file(tmp_path / "token", forged)),
-        REDITUS_SIDECAR_KV_PATH=kv_path,
+    session, source = role_session(
+        openbao, None, "jwt", role, write_file(tmp_path / "token", forged), kv_path
     )
     try:
         with pytest.raises(VaultLoginRefused) as caught:
@@ -236,14 +239,7 @@ async def test_kubernetes_login_and_token_rotation(
     leak_guard.add(first, second)
     reviewer.accepted.add(first)
     jwt_file = write_file(tmp_path / "token", first)
-    session, source = session_for(
-        openbao,
-        vault_metrics,
-        REDITUS_SIDECAR_VAULT_AUTH="kubernetes",
-        REDITUS_SIDECAR_VAULT_ROLE=role,
-        REDITUS_SIDECAR_VAULT_JWT_FILE=str(jwt_file),
-        REDITUS_SIDECAR_KV_PATH=kv_path,
-    )
+    session, source = role_session(openbao, vault_metrics, "kubernetes", role, jwt_file, kv_path)
     try:
         reviews = reviewer.reviews
         assert (await source.fetch()).version == 1
@@ -267,13 +263,8 @@ async def test_kubernetes_token_refused_by_token_review(
     role = openbao.k8s_role(mount, openbao.read_policy(kv_path))
     unknown = service_account_jwt(key)
     leak_guard.add(unknown)
-    session, source = session_for(
-        openbao,
-        None,
-        REDITUS_SIDECAR_VAULT_AUTH="kubernetes",
-        REDITUS_SIDECAR_VAULT_ROLE=role,
-        REDITUS_SIDECAR_VAULT_JWT_FILE=str(write_file(tmp_path / "token", unknown)),
-        REDITUS_SIDECAR_KV_PATH=kv_path,
+    session, source = role_session(
+        openbao, None, "kubernetes", role, write_file(tmp_path / "token", unknown), kv_path
     )
     try:
         with pytest.raises(VaultLoginRefused) as caught:
