@@ -447,8 +447,9 @@ def approle_session(
 
 
 def session_for(
-    openbao: Bao, metrics: Metrics | None, **env: str
+    openbao: Bao, metrics: Metrics | None, *, backoff_max: float = 2, **env: str
 ) -> tuple[VaultSession, VaultSource]:
+    """A Vault session with `openbao.settings(**env)` and the source of its one product."""
     settings = openbao.settings(**env)
-    session = VaultSession(settings.vault, metrics, backoff_max=2)
+    session = VaultSession(settings.vault, metrics, backoff_max=backoff_max)
     return session, VaultSource(session, settings.products[0])

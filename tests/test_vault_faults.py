@@ -19,7 +19,7 @@ import jwt
 import pytest
 
 from sidecar.devserver import OpenBaoDevServer, free_port_pair
-from sidecar.sources.vault import VaultSession, VaultSource
+from sidecar.sources.vault import VaultSession
 from sidecar.sources.vault_client import VaultTLSError, VaultUnreachable
 from tests.openbao import (
     Bao,
@@ -117,14 +117,7 @@ async def test_close_is_prompt_while_the_first_login_hangs(own_bao) -> None:
 async def test_cold_start_then_vault_appears(tmp_path, vault_metrics, registry) -> None:
     port = free_port_pair()
     server = OpenBaoDevServer(port=port)
-    env = {
-        "VAULT_ADDR": server.addr,
-        "VAULT_TOKEN": server.root_token,
-        "REDITUS_SIDECAR_VAULT_TIMEOUT": "1",
-    }
-    settings = Bao(server).settings(**env)
-    session = VaultSession(settings.vault, vault_metrics, backoff_max=1)
-    source = VaultSource(session, settings.products[0])
+    session, source = session_for(Bao(server), vault_metrics, backoff_max=1, **settings_env(server))
     await session.start()
     try:
         with pytest.raises(VaultUnreachable):
@@ -151,14 +144,15 @@ async def test_restarted_vault_means_a_new_login(own_bao, vault_metrics, registr
     bao = seed(own_bao)
     role, role_id, secret_id = bao.approle([bao.read_policy("reditus")])
     sid = write_file(own_bao.workdir / "sid", secret_id)
-    settings = bao.settings(
+    session, source = session_for(
+        bao,
+        vault_metrics,
+        backoff_max=1,
         REDITUS_SIDECAR_VAULT_AUTH="approle",
         REDITUS_SIDECAR_VAULT_ROLE_ID=role_id,
         REDITUS_SIDECAR_VAULT_SECRET_ID_FILE=str(sid),
         REDITUS_SIDECAR_VAULT_TIMEOUT="1",
     )
-    session = VaultSession(settings.vault, vault_metrics, backoff_max=1)
-    source = VaultSource(session, settings.products[0])
     try:
         assert (await source.fetch()).version == 1
         own_bao.stop()

@@ -15,9 +15,8 @@ import hvac.exceptions
 import pytest
 
 from sidecar.demo import POLICY_HCL, policy_for
-from sidecar.sources.vault import VaultSession, VaultSource
-from tests.openbao import Bao, service_account_jwt, unique, write_file
-from tests.support import ROOT
+from tests.openbao import Bao, service_account_jwt, session_for, unique, write_file
+from tests.support import ROOT, base_env
 
 DEPLOY = ROOT / "deploy" / "vault"
 POLICY_FILE = DEPLOY / "reditus-sidecar.hcl"
@@ -40,10 +39,9 @@ def policy_token(openbao: Bao) -> str:
 
 
 async def test_policy_is_enough_for_the_sidecar(openbao, policy_token) -> None:
-    settings = openbao.settings(VAULT_TOKEN=policy_token)
-    session = VaultSession(settings.vault)
+    session, source = session_for(openbao, None, VAULT_TOKEN=policy_token)
     try:
-        material = await VaultSource(session, settings.products[0]).fetch()
+        material = await source.fetch()
         assert material.product_id == "prod-policy"
         state = await session.token()
         assert state.renewable
@@ -77,12 +75,10 @@ def test_policy_refuses_everything_else(openbao, policy_token, method, path, pay
 
 
 def run_script(script: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    full = {k: v for k, v in os.environ.items() if not k.startswith(("VAULT_", "BAO_", "REDITUS_"))}
-    full["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{full.get('PATH', '')}"
-    full.update(env)
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
     result = subprocess.run(
         ["bash", str(DEPLOY / script)],
-        env=full,
+        env=base_env(PATH=path, **env),
         capture_output=True,
         text=True,
         timeout=60,
@@ -114,10 +110,11 @@ async def test_setup_approle_script(openbao, tmp_path) -> None:
     assert secret_id not in result.stdout + result.stderr
     values = exported(result.stdout)
     assert values["REDITUS_SIDECAR_VAULT_AUTH_MOUNT"] == mount
-    settings = openbao.settings(**values, REDITUS_SIDECAR_VAULT_SECRET_ID_FILE=str(secret_id_file))
-    session = VaultSession(settings.vault)
+    session, source = session_for(
+        openbao, None, **values, REDITUS_SIDECAR_VAULT_SECRET_ID_FILE=str(secret_id_file)
+    )
     try:
-        material = await VaultSource(session, settings.products[0]).fetch()
+        material = await source.fetch()
         assert material.product_id == "prod-script"
         # ... and the role's policy refuses the neighbour path.
         token = (await session.token()).token.reveal()
@@ -149,11 +146,13 @@ async def test_setup_kubernetes_auth_script(openbao, tmp_path, jwt_auth, k8s_aut
     values = exported(run_script("setup-kubernetes-auth.sh", env).stdout)
     token = service_account_jwt(key, namespace="shop", name="web")
     reviewer.accepted.add(token)
-    settings = openbao.settings(
-        **values, REDITUS_SIDECAR_VAULT_JWT_FILE=str(write_file(tmp_path / "sa", token))
+    session, source = session_for(
+        openbao,
+        None,
+        **values,
+        REDITUS_SIDECAR_VAULT_JWT_FILE=str(write_file(tmp_path / "sa", token)),
     )
-    session = VaultSession(settings.vault)
     try:
-        assert (await VaultSource(session, settings.products[0]).fetch()).product_id == "prod-k8s"
+        assert (await source.fetch()).product_id == "prod-k8s"
     finally:
         await session.close()
