@@ -70,8 +70,9 @@ def play_pod(
     return env
 
 
-def sign(env: dict[str, str], user: str = "u-helm") -> str:
-    proc = subprocess.run(
+def run_sign(env: dict[str, str], user: str = "u-helm") -> subprocess.CompletedProcess[str]:
+    """`reditus-sidecar sign` with exactly the pod's environment."""
+    return subprocess.run(
         [sys.executable, "-m", "sidecar", "sign", "--user-id", user],
         env=base_env(**env),
         cwd=ROOT,
@@ -80,6 +81,10 @@ def sign(env: dict[str, str], user: str = "u-helm") -> str:
         timeout=60,
         check=False,
     )
+
+
+def sign(env: dict[str, str]) -> str:
+    proc = run_sign(env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return proc.stdout.strip().splitlines()[-1]
 
@@ -140,7 +145,11 @@ def test_kubernetes_auth_scenario_signs_over_tls(
     assert_signed_with(sign(env), KV_SECRET, KV_PRODUCT)
 
 
-def test_approle_scenario_signs(openbao: Bao, kv_path: str, tmp_path: Path) -> None:
+def approle_pod(
+    openbao: Bao, kv_path: str, root: Path, file_name: str = "secret-id"
+) -> tuple[dict[str, str], str]:
+    """The approle scenario's pod with its secret id stored as `file_name` in the
+    AppRole volume: (environment, secret id)."""
     assert openbao.tls_addr is not None
     assert openbao.ca_file is not None
     _, role_id, secret_id = openbao.approle([openbao.read_policy(kv_path)], mount="approle-apps")
@@ -150,14 +159,19 @@ def test_approle_scenario_signs(openbao: Bao, kv_path: str, tmp_path: Path) -> N
     )
     env = play_pod(
         spec,
-        tmp_path,
+        root,
         {
-            "reditus-sidecar-approle": {"secret-id": secret_id},
+            "reditus-sidecar-approle": {file_name: secret_id},
             "reditus-sidecar-vault-ca": {"ca.crt": openbao.ca_file.read_text()},
         },
         # VAULT_ADDR comes from the ConfigMap the scenario names.
         refs={("vault-connection", "VAULT_ADDR"): openbao.tls_addr},
     )
+    return env, secret_id
+
+
+def test_approle_scenario_signs(openbao: Bao, kv_path: str, tmp_path: Path) -> None:
+    env, _ = approle_pod(openbao, kv_path, tmp_path)
     assert_signed_with(sign(env), KV_SECRET, KV_PRODUCT)
 
 
@@ -194,30 +208,11 @@ def test_token_scenario_signs(openbao: Bao, kv_path: str, tmp_path: Path) -> Non
 
 def test_a_wrong_mount_path_would_be_caught(openbao: Bao, kv_path: str, tmp_path: Path) -> None:
     """Guards the tests above: a secret-id placed under another file name than the one the
-    rendered env names makes the real sidecar fail."""
-    _, role_id, secret_id = openbao.approle([openbao.read_policy(kv_path)], mount="approle-apps")
-    assert openbao.ca_file is not None
-    spec = render(
-        "approle-values.yaml",
-        **{"sidecar.vault.auth.approle.roleId": role_id, "sidecar.vault.kv.path": kv_path},
-    )
-    env = play_pod(
-        spec,
-        tmp_path,
-        {
-            "reditus-sidecar-approle": {"secret_id": secret_id},
-            "reditus-sidecar-vault-ca": {"ca.crt": openbao.ca_file.read_text()},
-        },
-        refs={("vault-connection", "VAULT_ADDR"): str(openbao.tls_addr)},
-    )
-    proc = subprocess.run(
-        [sys.executable, "-m", "sidecar", "sign", "--user-id", "u"],
-        env=base_env(**env),
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert proc.returncode != 0
-    assert secret_id not in proc.stdout + proc.stderr
+    rendered env names makes the real sidecar fail, naming the file it looked for."""
+    env, secret_id = approle_pod(openbao, kv_path, tmp_path, file_name="secret_id")
+    proc = run_sign(env, user="u")
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 2, output
+    wanted = env["REDITUS_SIDECAR_VAULT_SECRET_ID_FILE"]
+    assert f"REDITUS_SIDECAR_VAULT_SECRET_ID_FILE={wanted!r}: no such file" in output
+    assert secret_id not in output
