@@ -564,6 +564,7 @@ def test_schema_rejects_typos_bad_enums_and_exposed_listeners(setting: str, mess
             ["sidecar.vault.caCert.configMap=a", "sidecar.vault.caCert.secret=b"],
             "only one of",
         ),
+        (["sidecar.maxStaleness=10"], "at least sidecar.refreshInterval (30)"),
     ],
 )
 def test_inconsistent_values_fail_with_a_clear_message(settings: list[str], message: str) -> None:

@@ -116,6 +116,9 @@ checks single values; this checks how they fit together). Returns nothing otherw
 {{- if and (eq $sc.mode "native") .Capabilities (semverCompare "<1.29.0-0" .Capabilities.KubeVersion.Version) }}
 {{- fail (printf "sidecar.mode=native needs Kubernetes >= 1.29 (native sidecar containers); this cluster is %s: set sidecar.mode=container" .Capabilities.KubeVersion.Version) }}
 {{- end }}
+{{- if and (gt (int $sc.maxStaleness) 0) (lt (int $sc.maxStaleness) (int $sc.refreshInterval)) }}
+{{- fail (printf "sidecar.maxStaleness (%d) must be 0 (off) or at least sidecar.refreshInterval (%d): the sidecar refuses to start otherwise" (int $sc.maxStaleness) (int $sc.refreshInterval)) }}
+{{- end }}
 {{- if eq $sc.source "vault" }}
 {{- $auth := $sc.vault.auth }}
 {{- if and (has $auth.method (list "kubernetes" "jwt")) (not $auth.role) }}
