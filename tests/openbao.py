@@ -397,17 +397,6 @@ def vault_sidecar(vault_addr: str, *, wait: bool = True, **env: str) -> Iterator
         yield sidecar
 
 
-def scrape_value(metrics_url: str, series: str) -> float:
-    """One sample from the sidecar's /metrics, e.g. 'name{label="x"}'."""
-    import urllib.request
-
-    with urllib.request.urlopen(metrics_url + "/metrics", timeout=5) as response:  # noqa: S310
-        for line in response.read().decode().splitlines():
-            if line.startswith(series + " "):
-                return float(line.split()[-1])
-    raise AssertionError(f"{series} not in the scrape")
-
-
 # --- sessions and their metrics -------------------------------------------------------
 
 

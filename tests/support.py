@@ -16,6 +16,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import jwt
+
 TEST_SECRET = "test-product-secret-0123456789abcdef0123456789abcdef0123456789abcdef0123"
 TEST_PRODUCT_ID = "prod-test"
 ROOT = Path(__file__).resolve().parent.parent
@@ -171,10 +173,11 @@ def start_sidecar(
         yield sidecar
 
 
-def post_token(
+def request_token(
     api_url: str, body: object, *, headers: dict[str, str] | None = None
-) -> tuple[int, dict[str, object]]:
-    """One signing request with the required headers (override with `headers`)."""
+) -> tuple[int, dict[str, str], dict[str, object]]:
+    """One signing request with the required headers (override with `headers`):
+    (status, response headers, JSON body)."""
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
     request = urllib.request.Request(  # noqa: S310 - loopback
         api_url + "/v1/token",
@@ -188,6 +191,46 @@ def post_token(
     )
     try:
         with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310
-            return response.status, json.loads(response.read())
+            return response.status, dict(response.headers), json.loads(response.read())
     except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read())
+        return exc.code, dict(exc.headers), json.loads(exc.read())
+
+
+def post_token(
+    api_url: str, body: object, *, headers: dict[str, str] | None = None
+) -> tuple[int, dict[str, object]]:
+    """`request_token` without the response headers: (status, JSON body)."""
+    status, _, answer = request_token(api_url, body, headers=headers)
+    return status, answer
+
+
+def signed_with(token: str, secret: str) -> bool:
+    """Whether `token` is an HS512 JWT that verifies with `secret`."""
+    try:
+        jwt.decode(token, secret, algorithms=["HS512"])
+    except jwt.InvalidTokenError:
+        return False
+    return True
+
+
+def scrape(metrics_url: str) -> str:
+    """The sidecar's /metrics exposition."""
+    with urllib.request.urlopen(metrics_url + "/metrics", timeout=5) as response:  # noqa: S310
+        return response.read().decode()
+
+
+def metric_value(text: str, series: str) -> float:
+    """One sample of an exposition, e.g. 'name{label="x"}'."""
+    for line in text.splitlines():
+        if line.startswith(series + " "):
+            return float(line.split()[-1])
+    raise AssertionError(f"{series} not in the scrape")
+
+
+def scrape_value(metrics_url: str, series: str) -> float:
+    return metric_value(scrape(metrics_url), series)
+
+
+def exported_names(text: str) -> set[str]:
+    """The sample names of an exposition (histograms as _bucket, _sum, _count)."""
+    return {line.split("{")[0].split(" ")[0] for line in text.splitlines() if line[:1] != "#"}

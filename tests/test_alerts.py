@@ -6,16 +6,14 @@ import os
 import re
 import shutil
 import subprocess
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
-from tests.support import start_sidecar
+from tests.support import ROOT, exported_names, scrape, start_sidecar
 
-ROOT = Path(__file__).resolve().parent.parent
 RULES = ROOT / "deploy" / "prometheus" / "reditus-sidecar.rules.yaml"
 RULE_TESTS = ROOT / "deploy" / "prometheus" / "reditus-sidecar.rules.test.yaml"
 WANTED = {
@@ -94,12 +92,6 @@ def test_every_alert_is_documented_and_has_firing_and_quiet_cases() -> None:
 def test_rules_use_only_metrics_the_sidecar_exports(tmp_path: Path) -> None:
     used = {m for r in rules() for m in METRIC.findall(r["expr"])}
     assert used
-    with (
-        start_sidecar(tmp_path) as sidecar,
-        urllib.request.urlopen(sidecar.metrics_url + "/metrics", timeout=10) as response,  # noqa: S310
-    ):
-        exposition = response.read().decode()
-    exported = {
-        line.split("{")[0].split(" ")[0] for line in exposition.splitlines() if line[:1] != "#"
-    }
+    with start_sidecar(tmp_path) as sidecar:
+        exported = exported_names(scrape(sidecar.metrics_url))
     assert used <= exported, f"not exported: {sorted(used - exported)}"

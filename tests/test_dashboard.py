@@ -18,14 +18,21 @@ import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.support import SidecarProcess, free_port, post_token, start_sidecar, wait_http
+from tests.support import (
+    ROOT,
+    SidecarProcess,
+    exported_names,
+    free_port,
+    post_token,
+    scrape,
+    start_sidecar,
+    wait_http,
+)
 
-ROOT = Path(__file__).resolve().parent.parent
 DASHBOARD = ROOT / "deploy" / "grafana" / "reditus-sidecar.json"
 METRIC = re.compile(r"\breditus_sidecar_[a-z_]+\b")
 NAMESPACE, POD = "shop", "shop-7d9c-abcde"
@@ -190,11 +197,7 @@ def test_dashboard_shape() -> None:
 
 
 def test_every_metric_in_the_dashboard_is_exported(sidecar: SidecarProcess) -> None:
-    with urllib.request.urlopen(sidecar.metrics_url + "/metrics", timeout=10) as response:  # noqa: S310
-        exposition = response.read().decode()
-    exported = {
-        line.split("{")[0].split(" ")[0] for line in exposition.splitlines() if line[:1] != "#"
-    }
+    exported = exported_names(scrape(sidecar.metrics_url))
     texts = [expr for _, expr in queries()]
     texts += [v.get("definition", "") for v in dashboard()["templating"]["list"]]
     used = {m for text in texts for m in METRIC.findall(text)}

@@ -18,7 +18,7 @@ import jwt
 import pytest
 
 from sidecar.devserver import BaoNotFound, find_bao
-from tests.support import base_env, free_port, post_token, spawn
+from tests.support import base_env, free_port, post_token, signed_with, spawn
 
 
 def wait_for_line(lines: list[str], pattern: str, proc: subprocess.Popen[str], within: float):
@@ -39,14 +39,6 @@ def read_secret(addr: str, root_token: str) -> str:
     client = hvac.Client(url=addr, token=root_token, cert=(), verify=True, timeout=5)
     response = client.secrets.kv.v2.read_secret_version("reditus", raise_on_deleted_version=True)
     return str(response["data"]["data"]["product_secret"])
-
-
-def verifies(token: str, secret: str) -> bool:
-    try:
-        jwt.decode(token, secret, algorithms=["HS512"])
-    except jwt.InvalidTokenError:
-        return False
-    return True
 
 
 @pytest.mark.slow
@@ -83,7 +75,7 @@ def test_demo_end_to_end() -> None:
         status, body = post_token(f"http://127.0.0.1:{api}", {"userId": "u-123"})
         assert status == 200, body
         first_secret = read_secret(addr, root_token)
-        assert verifies(str(body["token"]), first_secret)
+        assert signed_with(str(body["token"]), first_secret)
         assert (
             jwt.decode(str(body["token"]), first_secret, algorithms=["HS512"])["UserId"] == "u-123"
         )
@@ -96,7 +88,7 @@ def test_demo_end_to_end() -> None:
         while True:
             status, body = post_token(f"http://127.0.0.1:{api}", {"userId": "u-123"})
             assert status == 200, body
-            if verifies(str(body["token"]), new_secret):
+            if signed_with(str(body["token"]), new_secret):
                 break
             assert time.monotonic() < deadline, "the rotated secret never took effect"
             time.sleep(0.1)

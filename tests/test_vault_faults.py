@@ -8,14 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import signal
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 
-import jwt
 import pytest
 
 from sidecar.devserver import OpenBaoDevServer, free_port_pair
@@ -25,13 +21,12 @@ from tests.openbao import (
     Bao,
     logins,
     make_ca,
-    scrape_value,
     session_for,
     unique,
     vault_sidecar,
     write_file,
 )
-from tests.support import post_token
+from tests.support import post_token, request_token, scrape_value, signed_with, wait_http
 
 SECRET_A = "first-secret-" + "a" * 64
 SECRET_B = "second-secret-" + "b" * 64
@@ -238,18 +233,10 @@ async def test_tls_skip_verify_works_and_warns(openbao, kv_path, caplog) -> None
 # --- through the real process -----------------------------------------------------------
 
 
-def verifies_with(token: str, secret: str) -> bool:
-    try:
-        jwt.decode(token, secret, algorithms=["HS512"])
-    except jwt.InvalidTokenError:
-        return False
-    return True
-
-
 def sign_ok(api_url: str, secret: str) -> None:
     status, body = post_token(api_url, {"userId": "u-fault"})
     assert status == 200, body
-    assert verifies_with(str(body["token"]), secret)
+    assert signed_with(str(body["token"]), secret)
 
 
 def wait_for_secret(api_url: str, secret: str, within: float = 15) -> None:
@@ -257,7 +244,7 @@ def wait_for_secret(api_url: str, secret: str, within: float = 15) -> None:
     while True:
         status, body = post_token(api_url, {"userId": "u-fault"})
         assert status == 200, body
-        if verifies_with(str(body["token"]), secret):
+        if signed_with(str(body["token"]), secret):
             return
         assert time.monotonic() < deadline, "the new secret never took effect"
         time.sleep(0.1)
@@ -304,28 +291,12 @@ def test_signing_continues_while_vault_is_hung_or_stopped(own_bao) -> None:
     assert own_bao.root_token not in sidecar.output()
 
 
-def _post_raw(api_url: str) -> tuple[int, dict[str, str], dict[str, object]]:
-    request = urllib.request.Request(  # noqa: S310 - loopback
-        api_url + "/v1/token",
-        data=json.dumps({"userId": "u-cold"}).encode(),
-        method="POST",
-        headers={"Content-Type": "application/json", "X-Sidecar-Request": "true"},
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=5) as response:  # noqa: S310
-            return response.status, dict(response.headers), json.loads(response.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, dict(exc.headers), json.loads(exc.read())
-
-
 @pytest.mark.slow
 def test_cold_start_before_vault_exists() -> None:
-    from tests.support import wait_http
-
     server = OpenBaoDevServer(port=free_port_pair(), root_token=unique("root"))
     with vault_sidecar(server.addr, wait=False, VAULT_TOKEN=server.root_token) as sidecar:
         wait_http(sidecar.metrics_url + "/readyz", timeout=15, proc=sidecar.proc, want=503)
-        status, headers, body = _post_raw(sidecar.api_url)
+        status, headers, body = request_token(sidecar.api_url, {"userId": "u-cold"})
         assert status == 503
         assert body["error"]["code"] == "secret_unavailable"  # type: ignore[index]
         assert int(headers["Retry-After"]) >= 1
