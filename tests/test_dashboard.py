@@ -9,6 +9,7 @@ substituted). Every metric name in the dashboard must exist in the live scrape.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -233,14 +234,11 @@ def test_panel_values_match_the_running_sidecar(prometheus: Prometheus) -> None:
     assert float(version["value"][1]) == 1
     (age,) = values("Secret age")
     assert 0 <= float(age["value"][1]) < 120
-    for p in ("50", "90", "99"):
-        (quantile,) = [
-            s
-            for i, s in enumerate(by_title["Signing latency"]["targets"])
-            if s["legendFormat"] == f"p{p}"
-        ]
-        (sample,) = prometheus.query(substitute(quantile["expr"]))
-        assert 0 < float(sample["value"][1]) <= 1
+    legends = {t["legendFormat"]: t for t in by_title["Signing latency"]["targets"]}
+    for p in ("p50", "p90", "p99"):
+        (sample,) = prometheus.query(substitute(legends[p]["expr"]))
+        # a real quantile of observed requests, not NaN/+Inf (how fast is bench/'s job)
+        assert 0 < float(sample["value"][1]) < math.inf
     # The file source never logs in to Vault: its token expiry stays 0 and is hidden.
     assert values("Vault token time left") == []
     (build,) = values("Build info")
