@@ -46,11 +46,20 @@ def test_defaults_match_the_contract(file_env: dict[str, str]) -> None:
 
 
 @pytest.mark.parametrize(
-    "address", ["127.0.0.1:1", "127.1.2.3:8787", "[::1]:8787", "localhost:8787"]
+    ("address", "host", "port"),
+    [
+        ("127.0.0.1:1", "127.0.0.1", 1),
+        ("127.1.2.3:8787", "127.1.2.3", 8787),
+        ("[::1]:8788", "::1", 8788),
+        ("localhost:8789", "127.0.0.1", 8789),
+    ],
 )
-def test_loopback_listen_addresses_are_accepted(file_env: dict[str, str], address: str) -> None:
+def test_loopback_listen_addresses_are_accepted(
+    file_env: dict[str, str], address: str, host: str, port: int
+) -> None:
     settings = load_settings({**file_env, "REDITUS_SIDECAR_LISTEN": address})
     assert settings.listen is not None
+    assert (settings.listen.host, settings.listen.port) == (host, port)
 
 
 @pytest.mark.parametrize(
