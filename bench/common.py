@@ -86,6 +86,7 @@ class Server:
     url: str
     log: Path
     extra_pids: tuple[int, ...] = ()  # helpers whose CPU and memory count too (e.g. OpenBao)
+    metrics_url: str = ""  # the sidecar's ops listener, when it is one
 
     @property
     def pids(self) -> tuple[int, ...]:
@@ -122,6 +123,25 @@ def start(
             start_new_session=True,
         )
     return Server(name, proc, url, log)
+
+
+def start_sidecar(
+    name: str, launcher: list[str] | None = None, *, core: str | None = SERVER_CORE, **env: str
+) -> Server:
+    """`reditus-sidecar serve` (or `launcher`) on free loopback ports, logging warnings
+    only; `env` adds the secret source. Its ops URL is `server.metrics_url`."""
+    port = free_port()
+    metrics_url = f"http://127.0.0.1:{free_port()}"
+    full = clean_env(
+        REDITUS_SIDECAR_LISTEN=f"127.0.0.1:{port}",
+        REDITUS_SIDECAR_METRICS_LISTEN=metrics_url.removeprefix("http://"),
+        REDITUS_SIDECAR_LOG_LEVEL="warning",
+        **env,
+    )
+    launcher = launcher or [PYTHON, "-m", "sidecar", "serve"]
+    server = start(name, launcher, full, f"http://127.0.0.1:{port}", core=core)
+    server.metrics_url = metrics_url
+    return server
 
 
 def wait_token(server: Server, timeout: float = 20.0) -> dict[str, object]:

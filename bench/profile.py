@@ -64,15 +64,12 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="bench-profile-") as tmp:
         secret = Path(tmp) / "secret.json"
         common.write_secret(secret)
-        port = common.free_port()
-        env = common.clean_env(
+        server = common.start_sidecar(
+            "sidecar",
+            launcher,
             REDITUS_SIDECAR_SECRET_SOURCE="file",
             REDITUS_SIDECAR_SECRET_FILE=str(secret),
-            REDITUS_SIDECAR_LISTEN=f"127.0.0.1:{port}",
-            REDITUS_SIDECAR_METRICS_LISTEN=f"127.0.0.1:{common.free_port()}",
-            REDITUS_SIDECAR_LOG_LEVEL="warning",
         )
-        server = common.start("sidecar", launcher, env, f"http://127.0.0.1:{port}")
         raw = Path(tmp) / "profile.txt"
         try:
             common.wait_token(server)

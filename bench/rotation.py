@@ -29,7 +29,7 @@ from pathlib import Path
 
 import aiohttp
 import common
-from common import PRODUCT_ID, PYTHON, Server
+from common import PRODUCT_ID, Server
 
 HEADERS = {"Content-Type": "application/json", "X-Sidecar-Request": "true"}
 
@@ -137,16 +137,11 @@ async def rotate_under_load(
 def file_sidecar(tmp: Path) -> Iterator[tuple[Server, Callable[[str], Awaitable[None]]]]:
     secret_file = tmp / "secret.json"
     common.write_secret(secret_file, secret=secret_for(0))
-    port = common.free_port()
-    env = common.clean_env(
+    server = common.start_sidecar(
+        "sidecar-file",
         REDITUS_SIDECAR_SECRET_SOURCE="file",
         REDITUS_SIDECAR_SECRET_FILE=str(secret_file),
-        REDITUS_SIDECAR_LISTEN=f"127.0.0.1:{port}",
-        REDITUS_SIDECAR_METRICS_LISTEN=f"127.0.0.1:{common.free_port()}",
-        REDITUS_SIDECAR_LOG_LEVEL="warning",
     )
-    server = common.start("sidecar-file", [PYTHON, "-m", "sidecar", "serve"], env, "")
-    server.url = f"http://127.0.0.1:{port}"
 
     async def write(secret: str) -> None:
         common.write_secret(secret_file, secret=secret)  # rename, as Vault Agent does
@@ -163,18 +158,13 @@ def vault_sidecar(interval: float) -> Iterator[tuple[Server, Callable[[str], Awa
     with common.openbao() as bao:
         addr, token = bao.addr, bao.root_token  # type: ignore[attr-defined]
         common.put_secret(bao, secret_for(0))
-        port = common.free_port()
-        env = common.clean_env(
+        server = common.start_sidecar(
+            "sidecar-vault",
             REDITUS_SIDECAR_SECRET_SOURCE="vault",
             VAULT_ADDR=addr,
             VAULT_TOKEN=token,
             REDITUS_SIDECAR_REFRESH_INTERVAL=f"{interval:g}",
-            REDITUS_SIDECAR_LISTEN=f"127.0.0.1:{port}",
-            REDITUS_SIDECAR_METRICS_LISTEN=f"127.0.0.1:{common.free_port()}",
-            REDITUS_SIDECAR_LOG_LEVEL="warning",
         )
-        server = common.start("sidecar-vault", [PYTHON, "-m", "sidecar", "serve"], env, "")
-        server.url = f"http://127.0.0.1:{port}"
 
         async def write(secret: str) -> None:
             # A KV v2 write over the HTTP API, as an operator's `bao kv put` does.

@@ -26,26 +26,18 @@ from common import PRODUCT_ID, PYTHON, SECRET, Server
 Target = Callable[[], contextlib.AbstractContextManager[Server]]
 
 
-def sidecar_env(port: int, **extra: str) -> dict[str, str]:
-    return common.clean_env(
-        REDITUS_SIDECAR_LISTEN=f"127.0.0.1:{port}",
-        REDITUS_SIDECAR_METRICS_LISTEN=f"127.0.0.1:{common.free_port()}",
-        REDITUS_SIDECAR_LOG_LEVEL="warning",
-        **extra,
-    )
-
-
 @contextlib.contextmanager
 def sidecar_file(launcher: list[str]) -> Iterator[Server]:
     """`reditus-sidecar serve` on a file secret."""
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         secret = Path(tmp) / "secret.json"
         common.write_secret(secret)
-        port = common.free_port()
-        env = sidecar_env(
-            port, REDITUS_SIDECAR_SECRET_SOURCE="file", REDITUS_SIDECAR_SECRET_FILE=str(secret)
+        server = common.start_sidecar(
+            "sidecar",
+            launcher,
+            REDITUS_SIDECAR_SECRET_SOURCE="file",
+            REDITUS_SIDECAR_SECRET_FILE=str(secret),
         )
-        server = common.start("sidecar", launcher, env, f"http://127.0.0.1:{port}")
         try:
             yield server
         finally:
@@ -57,15 +49,11 @@ def sidecar_vault() -> Iterator[Server]:
     """`reditus-sidecar serve` reading KV v2 from an OpenBao dev server."""
     with common.openbao() as bao:
         common.put_secret(bao, SECRET)
-        port = common.free_port()
-        env = sidecar_env(
-            port,
+        server = common.start_sidecar(
+            "sidecar-vault",
             REDITUS_SIDECAR_SECRET_SOURCE="vault",
             VAULT_ADDR=bao.addr,  # type: ignore[attr-defined]
             VAULT_TOKEN=bao.root_token,  # type: ignore[attr-defined]
-        )
-        server = common.start(
-            "sidecar-vault", [PYTHON, "-m", "sidecar", "serve"], env, f"http://127.0.0.1:{port}"
         )
         try:
             yield server

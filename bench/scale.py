@@ -28,7 +28,7 @@ from datetime import datetime
 from pathlib import Path
 
 import common
-from common import PRODUCT_ID, PYTHON
+from common import PRODUCT_ID
 
 AUDIT = """
 audit "file" "bench" {{
@@ -154,7 +154,6 @@ def main() -> int:
         write_secret(bao, 0)
 
         pods: list[common.Server] = []
-        metrics_urls: list[str] = []
         started = time.monotonic()
         try:
             for n in range(args.pods):
@@ -165,25 +164,18 @@ def main() -> int:
                 )["data"]["secret_id"]
                 secret_id_file = tmp / f"secret-id-{n}"
                 secret_id_file.write_text(secret_id)
-                api, ops = common.free_port(), common.free_port()
-                env = common.clean_env(
+                pod = common.start_sidecar(
+                    f"pod{n}",
+                    core=None,
                     VAULT_ADDR=bao.addr,  # type: ignore[attr-defined]
                     REDITUS_SIDECAR_SECRET_SOURCE="vault",
                     REDITUS_SIDECAR_VAULT_AUTH="approle",
                     REDITUS_SIDECAR_VAULT_ROLE_ID=role_id,
                     REDITUS_SIDECAR_VAULT_SECRET_ID_FILE=str(secret_id_file),
                     REDITUS_SIDECAR_REFRESH_INTERVAL=f"{args.interval:g}",
-                    REDITUS_SIDECAR_LISTEN=f"127.0.0.1:{api}",
-                    REDITUS_SIDECAR_METRICS_LISTEN=f"127.0.0.1:{ops}",
-                    REDITUS_SIDECAR_LOG_LEVEL="warning",
                     MALLOC_ARENA_MAX="2",
                 )
-                pod = common.start(
-                    f"pod{n}", [PYTHON, "-m", "sidecar", "serve"], env, "", core=None
-                )
-                pod.url = f"http://127.0.0.1:{api}"
                 pods.append(pod)
-                metrics_urls.append(f"http://127.0.0.1:{ops}")
             for pod in pods:
                 common.wait_token(pod, timeout=120)
             ready_after = time.monotonic() - started
@@ -199,11 +191,11 @@ def main() -> int:
             for n in range(1, args.rotations + 1):
                 version, written = write_secret(bao, n)
                 time.sleep(args.interval * 1.1 + 1.5)
-                for url in metrics_urls:
-                    values = scrape(url)
+                for pod in pods:
+                    values = scrape(pod.metrics_url)
                     loaded = values['reditus_sidecar_secret_version{product="default"}']
                     if int(loaded) != version:
-                        raise RuntimeError(f"{url} still on version {loaded}, not {version}")
+                        raise RuntimeError(f"{pod.name} still on version {loaded}, not {version}")
                     switched = values[
                         'reditus_sidecar_secret_loaded_timestamp_seconds{product="default"}'
                     ]

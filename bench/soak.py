@@ -18,35 +18,29 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import common
-from common import PYTHON, SECRET, Server
+from common import SECRET, Server
 
 
 @contextlib.contextmanager
 def sidecar(source: str) -> Iterator[Server]:
     with contextlib.ExitStack() as stack:
-        port = common.free_port()
-        env = common.clean_env(
-            REDITUS_SIDECAR_LISTEN=f"127.0.0.1:{port}",
-            REDITUS_SIDECAR_METRICS_LISTEN=f"127.0.0.1:{common.free_port()}",
-            REDITUS_SIDECAR_LOG_LEVEL="warning",
-            REDITUS_SIDECAR_REFRESH_INTERVAL="5",
-        )
         if source == "file":
             secret = Path(stack.enter_context(tempfile.TemporaryDirectory())) / "secret.json"
             common.write_secret(secret)
-            env.update(
-                REDITUS_SIDECAR_SECRET_SOURCE="file", REDITUS_SIDECAR_SECRET_FILE=str(secret)
-            )
+            env = {
+                "REDITUS_SIDECAR_SECRET_SOURCE": "file",
+                "REDITUS_SIDECAR_SECRET_FILE": str(secret),
+            }
         else:
             bao = stack.enter_context(common.openbao(core=common.LOAD_CORE))
             common.put_secret(bao, SECRET)
-            env.update(
-                REDITUS_SIDECAR_SECRET_SOURCE="vault",
-                VAULT_ADDR=bao.addr,  # type: ignore[attr-defined]
-                VAULT_TOKEN=bao.root_token,  # type: ignore[attr-defined]
-            )
-        server = common.start(
-            f"sidecar-{source}", [PYTHON, "-m", "sidecar", "serve"], env, f"http://127.0.0.1:{port}"
+            env = {
+                "REDITUS_SIDECAR_SECRET_SOURCE": "vault",
+                "VAULT_ADDR": bao.addr,  # type: ignore[attr-defined]
+                "VAULT_TOKEN": bao.root_token,  # type: ignore[attr-defined]
+            }
+        server = common.start_sidecar(
+            f"sidecar-{source}", REDITUS_SIDECAR_REFRESH_INTERVAL="5", **env
         )
         stack.callback(server.stop)
         common.wait_token(server)
