@@ -295,3 +295,21 @@ def machine() -> str:
         f"Python {sys.version.split()[0]}, pinning "
         + (f"server core {SERVER_CORE}, load core {LOAD_CORE}" if SERVER_CORE else "off")
     )
+
+
+@contextlib.contextmanager
+def sidecar_file(launcher: list[str]) -> Iterator[Server]:
+    """`reditus-sidecar serve` on a file secret."""
+    with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
+        secret = Path(tmp) / "secret.json"
+        write_secret(secret)
+        server = start_sidecar(
+            "sidecar",
+            launcher,
+            REDITUS_SIDECAR_SECRET_SOURCE="file",
+            REDITUS_SIDECAR_SECRET_FILE=str(secret),
+        )
+        try:
+            yield server
+        finally:
+            server.stop()

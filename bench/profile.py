@@ -61,31 +61,23 @@ def main() -> int:
         if args.asyncio
         else [PYTHON, "-m", "sidecar", "serve"]
     )
-    with tempfile.TemporaryDirectory(prefix="bench-profile-") as tmp:
-        secret = Path(tmp) / "secret.json"
-        common.write_secret(secret)
-        server = common.start_sidecar(
-            "sidecar",
-            launcher,
-            REDITUS_SIDECAR_SECRET_SOURCE="file",
-            REDITUS_SIDECAR_SECRET_FILE=str(secret),
-        )
+    with (
+        tempfile.TemporaryDirectory(prefix="bench-profile-") as tmp,
+        common.sidecar_file(launcher) as server,
+    ):
         raw = Path(tmp) / "profile.txt"
-        try:
-            common.wait_token(server)
-            load = threading.Thread(
-                target=common.wrk, args=(server, args.connections, args.seconds + 2)
-            )
-            load.start()
-            record = ["record", "-p", str(server.proc.pid), "-d", str(args.seconds)]
-            subprocess.run(
-                [py_spy, *record, "-r", "500", "--format", "raw", "-o", str(raw)],
-                check=True,
-                capture_output=True,
-            )
-            load.join()
-        finally:
-            server.stop()
+        common.wait_token(server)
+        load = threading.Thread(
+            target=common.wrk, args=(server, args.connections, args.seconds + 2)
+        )
+        load.start()
+        record = ["record", "-p", str(server.proc.pid), "-d", str(args.seconds)]
+        subprocess.run(
+            [py_spy, *record, "-r", "500", "--format", "raw", "-o", str(raw)],
+            check=True,
+            capture_output=True,
+        )
+        load.join()
         print(summarize(raw, args.top))
     return 0
 

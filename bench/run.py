@@ -15,33 +15,13 @@ import argparse
 import contextlib
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import common
 from common import PRODUCT_ID, PYTHON, SECRET, Server
 
 Target = Callable[[], contextlib.AbstractContextManager[Server]]
-
-
-@contextlib.contextmanager
-def sidecar_file(launcher: list[str]) -> Iterator[Server]:
-    """`reditus-sidecar serve` on a file secret."""
-    with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
-        secret = Path(tmp) / "secret.json"
-        common.write_secret(secret)
-        server = common.start_sidecar(
-            "sidecar",
-            launcher,
-            REDITUS_SIDECAR_SECRET_SOURCE="file",
-            REDITUS_SIDECAR_SECRET_FILE=str(secret),
-        )
-        try:
-            yield server
-        finally:
-            server.stop()
 
 
 @contextlib.contextmanager
@@ -118,11 +98,11 @@ ASYNCIO_LAUNCHER = [PYTHON, str(common.BENCH / "targets" / "sidecar_asyncio.py")
 TARGETS: dict[str, tuple[str, Target]] = {
     "sidecar-file": (
         "sidecar `serve`, file source, uvloop",
-        lambda: sidecar_file([PYTHON, "-m", "sidecar", "serve"]),
+        lambda: common.sidecar_file([PYTHON, "-m", "sidecar", "serve"]),
     ),
     "sidecar-file-asyncio": (
         "sidecar `serve`, file source, plain asyncio",
-        lambda: sidecar_file(ASYNCIO_LAUNCHER),
+        lambda: common.sidecar_file(ASYNCIO_LAUNCHER),
     ),
     "sidecar-vault": ("sidecar `serve`, Vault source (OpenBao), uvloop", sidecar_vault),
     "express-jose": ("Express 5 + jose (the guide's route), Node", express_jose),
