@@ -30,6 +30,7 @@ SOURCE_KINDS: tuple[SourceKind, ...] = ("vault", "file")
 AUTH_METHODS: tuple[AuthMethod, ...] = ("token", "approle", "kubernetes", "jwt")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("json", "text")
+MAX_SHUTDOWN_DELAY = 300.0
 
 # Top-level settings: env suffix -> default. The file uses the same names in lower case.
 GLOBAL_KEYS: dict[str, str | None] = {
@@ -55,6 +56,7 @@ GLOBAL_KEYS: dict[str, str | None] = {
     "MAX_STALENESS": "0",
     "REQUIRE_HEADER": "true",
     "TOKEN_TTL": "0",
+    "SHUTDOWN_DELAY": "0",
     "LOG_LEVEL": "info",
     "LOG_FORMAT": "json",
     "CONFIG": None,
@@ -127,6 +129,7 @@ class Settings:
     token_ttl: int
     log_level: str
     log_format: str
+    shutdown_delay: float = 0.0
     unknown_env: tuple[str, ...] = ()
 
     def product(self, name: str) -> Product | None:
@@ -303,6 +306,13 @@ def load_settings(env: Mapping[str, str] | None = None, config_file: str | None 
     if ttl != int(ttl):
         raise ConfigError(f"{where}={ttl_raw!r}: must be a whole number of seconds")
 
+    shutdown_delay = _seconds(*raw("SHUTDOWN_DELAY"), allow_zero=True)
+    if shutdown_delay > MAX_SHUTDOWN_DELAY:
+        raise ConfigError(
+            f"{PREFIX}SHUTDOWN_DELAY={shutdown_delay:g}: at most {MAX_SHUTDOWN_DELAY:g} s "
+            "(it must fit in the pod's termination grace period with the drain)"
+        )
+
     products = _products(values, file_values.get("products", {}), secret_source)
     unknown = tuple(
         sorted(
@@ -327,6 +337,7 @@ def load_settings(env: Mapping[str, str] | None = None, config_file: str | None 
         token_ttl=int(ttl),
         log_level=_choice(*raw("LOG_LEVEL"), LOG_LEVELS),
         log_format=_choice(*raw("LOG_FORMAT"), LOG_FORMATS),
+        shutdown_delay=shutdown_delay,
         unknown_env=unknown,
     )
 

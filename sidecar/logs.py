@@ -26,6 +26,8 @@ CONTEXT_KEYS = (
     "method",
     "ttl",
     "retry_in",
+    "listener",
+    "count",
 )
 
 

@@ -16,6 +16,7 @@ ERROR_REASONS = (
     "method_not_allowed",
     "missing_request_header",
     "browser_origin",
+    "host_not_allowed",
     "unsupported_media_type",
     "too_large",
     "request_timeout",
@@ -26,6 +27,8 @@ ERROR_REASONS = (
     "internal",
 )
 ENDPOINTS = ("token", "other")
+#: `listener` values: the signing TCP listener, the signing unix socket, the ops listener.
+LISTENERS = ("signing", "signing_unix", "ops")
 REFRESH_RESULTS = ("changed", "unchanged", "error")
 LOGIN_METHODS = ("token", "approle", "kubernetes", "jwt")
 RESULTS = ("success", "error")
@@ -106,6 +109,30 @@ class Metrics:
             "1 when every product has a usable secret, else 0.",
             registry=registry,
         )
+        self.http_connections = Gauge(
+            "reditus_sidecar_http_connections",
+            "Open connections, by listener.",
+            ["listener"],
+            registry=registry,
+        )
+        self.http_connections_refused = Counter(
+            "reditus_sidecar_http_connections_refused",
+            "New connections closed at once: the listener was full, every connection busy.",
+            ["listener"],
+            registry=registry,
+        )
+        self.http_connections_evicted = Counter(
+            "reditus_sidecar_http_connections_evicted",
+            "Connections not in a request closed to admit a new one (listener full).",
+            ["listener"],
+            registry=registry,
+        )
+        self.http_protocol_errors = Counter(
+            "reditus_sidecar_http_protocol_errors",
+            "Requests refused before routing: malformed HTTP, or headers over the limits.",
+            ["listener"],
+            registry=registry,
+        )
         self.build_info = Gauge(
             "reditus_sidecar_build_info",
             "Always 1; the version label says which build runs.",
@@ -122,6 +149,10 @@ class Metrics:
                 self.vault_login.labels(method=method, result=result)
         for result in RESULTS:
             self.vault_token_renewal.labels(result=result)
+        for listener in LISTENERS:
+            self.http_connections_refused.labels(listener=listener)
+            self.http_connections_evicted.labels(listener=listener)
+            self.http_protocol_errors.labels(listener=listener)
         for product in products:
             self.tokens_issued.labels(product=product)
             self.secret_version.labels(product=product)

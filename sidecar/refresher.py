@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 BACKOFF_INITIAL = 1.0
 JITTER = 0.1  # +-10 % on the normal interval spreads many pods' reads over time
 FILE_WATCH_INTERVAL = 1.0  # how often a source that can tell `changed()` is asked
+MIN_SPACING = 1.0  # early reads (SIGHUP, file changes) of one product at most this often
 
 
 def backoff_delay(failures: int, cap: float, rng: random.Random) -> float:
@@ -60,6 +61,7 @@ class Refresher:
         self._next_attempt: dict[str, float] = {}
         self._retry_floor: dict[str, float | None] = {}
         self._tasks: list[asyncio.Task[None]] = []
+        self._failing: set[str] = set()  # products whose last read failed
 
     async def refresh(self, product: str) -> bool:
         """Read one product's secret once; True if the store now holds a good one."""
@@ -122,26 +124,36 @@ class Refresher:
         wake = self._wake[product]
         while True:
             self._retry_floor.pop(product, None)
+            # Cleared before the read: a SIGHUP arriving during it is owed one more read.
+            wake.clear()
+            started = time.monotonic()
             if await self.refresh(product):
                 failures = 0
+                self._failing.discard(product)
                 delay = self.interval * self.rng.uniform(1 - JITTER, 1 + JITTER)
             else:
                 failures += 1
+                self._failing.add(product)
                 delay = backoff_delay(failures, self.backoff_max, self.rng)
                 floor = self._retry_floor.get(product)
                 if floor:  # the source's Retry-After, within our own cap
                     delay = max(delay, min(floor, self.backoff_max))
             self._next_attempt[product] = time.monotonic() + delay
-            wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(wake.wait(), timeout=delay)
+                # Woken early (SIGHUP, file change): reads stay MIN_SPACING apart, and
+                # every wake until then is served by that one read.
+                await asyncio.sleep(max(0.0, started + MIN_SPACING - time.monotonic()))
 
     async def _watch(self) -> None:
-        """Wake a product's loop as soon as its source says the secret may have changed."""
+        """Wake a product's loop as soon as its source says the secret may have changed.
+
+        A product whose last read failed is left to its backoff: a file that stays broken
+        (or is a directory) is retried on the backoff schedule, not every second."""
         while True:
             await asyncio.sleep(FILE_WATCH_INTERVAL)
             for product, source in self.sources.items():
-                if source.changed():
+                if product not in self._failing and await source.changed():
                     self._wake[product].set()
 
     def retry_after(self, product: str) -> int:
@@ -152,7 +164,8 @@ class Refresher:
         return max(1, min(int(self.backoff_max), round(due - time.monotonic())))
 
     def refresh_now(self) -> None:
-        """Re-read every product at once (SIGHUP)."""
+        """Re-read every product at once (SIGHUP); a storm of them coalesces into at most
+        one read in flight and one more after it, per product."""
         log.info("refresh requested")
         for event in self._wake.values():
             event.set()

@@ -1,8 +1,9 @@
 """Wires the pieces together and runs them until SIGTERM/SIGINT.
 
 source -> refresher -> store -> signer -> api; the ops app reads the store and registry.
-Shutdown order: refuse new connections, let in-flight requests finish, then stop the
-refresher and the Vault session, then the ops listener.
+Shutdown order: `/readyz` turns 503 at once; after the optional shutdown delay (signing
+goes on), refuse new connections, let in-flight requests finish, then stop the refresher
+and the Vault session, then the ops listener.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 import stat
 from pathlib import Path
 
@@ -21,6 +23,7 @@ from prometheus_client import CollectorRegistry, disable_created_metrics
 from . import __version__
 from .api import TOKEN_HANDLER, TokenHandler, create_api_app
 from .config import Settings
+from .listener import OPS_LIMITS, SIGNING_LIMITS, Listener, raise_fd_limit, signing_limits
 from .metrics import Metrics
 from .ops import create_ops_app
 from .refresher import Refresher
@@ -30,42 +33,83 @@ from .state import SecretStore
 log = logging.getLogger(__name__)
 
 SHUTDOWN_GRACE = 10.0  # seconds in-flight requests get after SIGTERM
-# A signing connection that sends no complete request head for this long (idle keep-alive,
-# or stalled half-way through its headers, slowloris-style) is closed; bodies have their
-# own timeout (api.BODY_TIMEOUT). aiohttp's default would keep them for an hour.
-IDLE_TIMEOUT = 10.0
-# After an early answer (413, 408) aiohttp reads and drops the rest of the body for this
-# long, so the client sees the answer rather than a reset; its 10 s default would let a
-# stalled client hold the connection that much longer.
-LINGER = 2.0
 SOCKET_MODE = 0o660
+PROBE_TIMEOUT = 1.0  # how long a live process on our socket path gets to accept a connection
+
+_FileId = tuple[int, int]
 
 
-def _prepare_socket_path(path: Path) -> None:
-    """Remove a stale socket left by a previous run; refuse to clobber anything else."""
+def _socket_in_use(path: Path) -> bool:
+    """Whether a process accepts connections on the socket at `path` (else it is stale)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(PROBE_TIMEOUT)
+        try:
+            probe.connect(str(path))
+        except (ConnectionRefusedError, FileNotFoundError):
+            return False
+        except TimeoutError:
+            return True  # a full backlog: alive, just busy
+        return True
+
+
+def bind_unix_socket(path: Path) -> tuple[socket.socket, _FileId]:
+    """Bind the signing socket with mode 0660 from the first moment (the umask covers the
+    bind); a stale socket is replaced, a live one (another sidecar) is an error."""
     try:
         mode = path.lstat().st_mode
     except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(mode):
-        raise OSError(f"{path} exists and is not a socket")
-    path.unlink()
+        pass
+    else:
+        if not stat.S_ISSOCK(mode):
+            raise OSError(f"{path} exists and is not a socket; refusing to replace it")
+        if _socket_in_use(path):
+            raise OSError(f"{path}: another process is serving on this socket; refusing to start")
+        path.unlink()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    previous = os.umask(0o777 & ~SOCKET_MODE)
+    try:
+        sock.bind(str(path))
+    except OSError as exc:
+        sock.close()
+        raise OSError(f"cannot create the socket {path}: {exc.strerror}") from None
+    finally:
+        os.umask(previous)
+    sock.listen(SIGNING_LIMITS.backlog)
+    sock.setblocking(False)
+    st = os.stat(path)
+    return sock, (st.st_dev, st.st_ino)
 
 
-async def _drain(sites: list[web.BaseSite], handler: TokenHandler, grace: float) -> None:
-    """Stop accepting, then wait for requests already in a handler (bodies may still be
-    arriving: aiohttp's own shutdown would drop them) before the runner closes connections."""
-    for site in sites:
-        await site.stop()
-    deadline = asyncio.get_running_loop().time() + grace
+def remove_own_socket(path: Path, identity: _FileId) -> None:
+    """Delete the socket file only if it is still the one this process created."""
+    with contextlib.suppress(OSError):
+        st = os.lstat(path)
+        if (st.st_dev, st.st_ino) == identity:
+            path.unlink()
+
+
+async def _wait_for_handlers(handlers: list[TokenHandler], grace: float) -> None:
+    """Wait for requests already in a handler (bodies may still be arriving: aiohttp's own
+    shutdown would drop them) before the runners close connections."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + grace
     # Polling only during shutdown keeps the request path free of event bookkeeping.
-    while handler.in_flight and asyncio.get_running_loop().time() < deadline:  # noqa: ASYNC110
+    while any(h.in_flight for h in handlers) and loop.time() < deadline:  # noqa: ASYNC110
         await asyncio.sleep(0.01)
+
+
+async def _shutdown_delay(stop: asyncio.Event, delay: float) -> None:
+    """Keep serving (unready) for `delay` seconds; a second signal ends the wait."""
+    log.info("shutting down: still serving during the shutdown delay", extra={"detail": delay})
+    stop.clear()
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), delay)
 
 
 async def serve(settings: Settings, *, stop: asyncio.Event | None = None) -> int:
     """Run the sidecar; returns the process exit code."""
     stop = stop or asyncio.Event()
+    fd_limit = raise_fd_limit()
     # *_created series would only double the scrape size here.
     disable_created_metrics()  # type: ignore[no-untyped-call]
     names = [product.name for product in settings.products]
@@ -82,40 +126,52 @@ async def serve(settings: Settings, *, stop: asyncio.Event | None = None) -> int
         backoff_max=settings.backoff_max,
         token_ttl=settings.token_ttl,
     )
-    api_app = create_api_app(
-        store, metrics, require_header=settings.require_header, retry_after=refresher.retry_after
-    )
-    api_runner = web.AppRunner(
-        api_app,
-        access_log=None,
-        shutdown_timeout=SHUTDOWN_GRACE,
-        keepalive_timeout=IDLE_TIMEOUT,
-        lingering_time=LINGER,
-    )
+
+    # One signing app per listener: only the TCP one checks Host (unix clients send anything).
+    signing: list[tuple[str, bool]] = []
+    if settings.listen is not None:
+        signing.append(("signing", True))
+    if settings.unix_socket is not None:
+        signing.append(("signing_unix", False))
+    limits = signing_limits(fd_limit, len(signing))
+    runners: dict[str, web.AppRunner] = {}
+    handlers: list[TokenHandler] = []
+    for name, check_host in signing:
+        app = create_api_app(
+            store,
+            metrics,
+            require_header=settings.require_header,
+            retry_after=refresher.retry_after,
+            check_host=check_host,
+        )
+        handlers.append(app[TOKEN_HANDLER])
+        runners[name] = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_GRACE)
     ops_runner = web.AppRunner(
         create_ops_app(store, registry), access_log=None, shutdown_timeout=1.0
     )
-    await api_runner.setup()
-    await ops_runner.setup()
+    for runner in [*runners.values(), ops_runner]:
+        await runner.setup()
+
+    listeners: dict[str, Listener] = {
+        name: Listener(name, runner, limits, metrics) for name, runner in runners.items()
+    }
+    ops = Listener("ops", ops_runner, OPS_LIMITS, metrics)
+    own_socket: _FileId | None = None
     try:
-        api_sites: list[web.BaseSite] = []
         if settings.listen is not None:
-            api_sites.append(web.TCPSite(api_runner, settings.listen.host, settings.listen.port))
+            await listeners["signing"].start_tcp(settings.listen.host, settings.listen.port)
         if settings.unix_socket is not None:
-            _prepare_socket_path(settings.unix_socket)
-            api_sites.append(web.UnixSite(api_runner, str(settings.unix_socket)))
-        ops_site = web.TCPSite(
-            ops_runner, settings.metrics_listen.host, settings.metrics_listen.port
-        )
-        sites = [*api_sites, ops_site]
-        for site in sites:
-            await site.start()
-        if settings.unix_socket is not None:
-            os.chmod(settings.unix_socket, SOCKET_MODE)
+            sock, own_socket = bind_unix_socket(settings.unix_socket)
+            await listeners["signing_unix"].start_socket(sock)
+        await ops.start_tcp(settings.metrics_listen.host, settings.metrics_listen.port)
     except OSError as exc:
         log.error("cannot listen", extra={"error": str(exc)})
-        await api_runner.cleanup()
-        await ops_runner.cleanup()
+        for listener in [*listeners.values(), ops]:
+            await listener.stop_accepting()
+        for runner in [*runners.values(), ops_runner]:
+            await runner.cleanup()
+        if own_socket is not None and settings.unix_socket is not None:
+            remove_own_socket(settings.unix_socket, own_socket)
         return 1
 
     loop = asyncio.get_running_loop()
@@ -125,7 +181,7 @@ async def serve(settings: Settings, *, stop: asyncio.Event | None = None) -> int
     log.info(
         "reditus-sidecar started",
         extra={
-            "address": ", ".join(site.name for site in sites),
+            "address": ", ".join(listener.address for listener in [*listeners.values(), ops]),
             "source": settings.secret_source,
             "version": __version__,
         },
@@ -134,18 +190,24 @@ async def serve(settings: Settings, *, stop: asyncio.Event | None = None) -> int
     refresher.start()
     try:
         await stop.wait()
+        store.shutting_down = True
+        if settings.shutdown_delay:
+            await _shutdown_delay(stop, settings.shutdown_delay)
     finally:
         log.info("shutting down: finishing in-flight requests")
         store.shutting_down = True
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(signum)
-        await _drain(api_sites, api_app[TOKEN_HANDLER], SHUTDOWN_GRACE)
-        await api_runner.cleanup()
+        for listener in listeners.values():
+            await listener.stop_accepting()
+        await _wait_for_handlers(handlers, SHUTDOWN_GRACE)
+        for runner in runners.values():
+            await runner.cleanup()
         await refresher.stop()
         await sources.close()
+        await ops.stop_accepting()
         await ops_runner.cleanup()
-        if settings.unix_socket is not None:
-            with contextlib.suppress(FileNotFoundError):
-                settings.unix_socket.unlink()
+        if own_socket is not None and settings.unix_socket is not None:
+            remove_own_socket(settings.unix_socket, own_socket)
         log.info("stopped")
     return 0

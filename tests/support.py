@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -12,7 +13,7 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +22,26 @@ import jwt
 TEST_SECRET = "test-product-secret-0123456789abcdef0123456789abcdef0123456789abcdef0123"
 TEST_PRODUCT_ID = "prod-test"
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def eventually(condition: Callable[[], object], *, timeout: float = 10.0, what: str = "") -> None:
+    """Poll `condition` until it is truthy; fail with `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout} s: {what or condition}")
+        time.sleep(0.02)
+
+
+async def eventually_async(
+    condition: Callable[[], object], *, within: float = 10.0, what: str = ""
+) -> None:
+    """`eventually` for tests running on the event loop."""
+    deadline = time.monotonic() + within
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {within} s: {what or condition}")
+        await asyncio.sleep(0.02)
 
 
 def free_port() -> int:
@@ -112,10 +133,13 @@ def _pump(stream: object, lines: list[str]) -> None:
         lines.append(line.rstrip("\n"))
 
 
-def spawn(args: list[str], env: dict[str, str]) -> tuple[subprocess.Popen[str], list[str]]:
-    """Start `python -m sidecar ARGS`, collecting stdout+stderr lines in a thread."""
+def spawn(
+    args: list[str], env: dict[str, str], wrapper: Sequence[str] = ()
+) -> tuple[subprocess.Popen[str], list[str]]:
+    """Start `python -m sidecar ARGS` (behind `wrapper`, e.g. prlimit), collecting
+    stdout+stderr lines in a thread."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "sidecar", *args],
+        [*wrapper, sys.executable, "-m", "sidecar", *args],
         env=env,
         cwd=ROOT,
         stdout=subprocess.PIPE,
@@ -129,7 +153,11 @@ def spawn(args: list[str], env: dict[str, str]) -> tuple[subprocess.Popen[str], 
 
 @contextlib.contextmanager
 def run_sidecar(
-    env: dict[str, str], *, secret_file: Path | None = None, wait: bool = True
+    env: dict[str, str],
+    *,
+    secret_file: Path | None = None,
+    wait: bool = True,
+    wrapper: Sequence[str] = (),
 ) -> Iterator[SidecarProcess]:
     """Run `python -m sidecar serve` on free loopback ports; `env` adds or overrides."""
     api_port, metrics_port = free_port(), free_port()
@@ -138,7 +166,7 @@ def run_sidecar(
         REDITUS_SIDECAR_METRICS_LISTEN=f"127.0.0.1:{metrics_port}",
     )
     full.update(env)
-    proc, lines = spawn(["serve"], full)
+    proc, lines = spawn(["serve"], full, wrapper)
     sidecar = SidecarProcess(
         proc=proc,
         api_url=f"http://127.0.0.1:{api_port}",
@@ -156,7 +184,12 @@ def run_sidecar(
 
 @contextlib.contextmanager
 def start_sidecar(
-    tmp_path: Path, *, wait: bool = True, write: bool = True, **env_overrides: str
+    tmp_path: Path,
+    *,
+    wait: bool = True,
+    write: bool = True,
+    wrapper: Sequence[str] = (),
+    **env_overrides: str,
 ) -> Iterator[SidecarProcess]:
     """The sidecar on a file secret (written unless `write=False`), refreshing every second."""
     secret_file = tmp_path / "reditus-secret.json"
@@ -169,7 +202,7 @@ def start_sidecar(
         "REDITUS_SIDECAR_BACKOFF_MAX": "2",
         **env_overrides,
     }
-    with run_sidecar(env, secret_file=secret_file, wait=wait) as sidecar:
+    with run_sidecar(env, secret_file=secret_file, wait=wait, wrapper=wrapper) as sidecar:
         yield sidecar
 
 

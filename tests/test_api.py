@@ -11,6 +11,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from multidict import CIMultiDict
 from prometheus_client import CollectorRegistry
 
 from sidecar.api import create_api_app
@@ -130,6 +131,94 @@ async def test_browser_origin_is_refused(client: TestClient) -> None:
     # the header check comes first
     response = await client.post("/v1/token", json={"userId": "u"}, headers={"Origin": "null"})
     await expect_error(response, 403, "missing_request_header")
+
+
+async def test_a_repeated_request_header_is_refused(client: TestClient) -> None:
+    for values in (["true", "false"], ["true", "true"], ["false", "true"]):
+        headers = CIMultiDict([("Content-Type", "application/json")])
+        for value in values:
+            headers.add("X-Sidecar-Request", value)
+        response = await client.post("/v1/token", json={"userId": "u"}, headers=headers)
+        await expect_error(response, 403, "missing_request_header")
+
+
+@pytest.mark.parametrize(
+    "name", ["Sec-Fetch-Site", "sec-fetch-dest", "Sec-Fetch-User", "Sec-Fetch-Storage-Access"]
+)
+async def test_sec_fetch_headers_mark_a_browser(client: TestClient, name: str) -> None:
+    headers = {**HEADERS, name: "cross-site"}
+    response = await client.post("/v1/token", json={"userId": "u"}, headers=headers)
+    await expect_error(response, 403, "browser_origin")
+    # the request header check still comes first
+    headers = {"Content-Type": "application/json", name: "cross-site"}
+    response = await client.post("/v1/token", json={"userId": "u"}, headers=headers)
+    await expect_error(response, 403, "missing_request_header")
+
+
+async def test_node_fetch_with_its_lone_sec_fetch_mode_is_served(client: TestClient) -> None:
+    """Node's built-in fetch (undici) sends `Sec-Fetch-Mode: cors` and nothing else of the
+    kind; a browser sends Site and Dest with it."""
+    headers = {**HEADERS, "Sec-Fetch-Mode": "cors"}
+    response = await client.post("/v1/token", json={"userId": "u"}, headers=headers)
+    assert response.status == 200
+    headers["Sec-Fetch-Site"] = "cross-site"
+    response = await client.post("/v1/token", json={"userId": "u"}, headers=headers)
+    await expect_error(response, 403, "browser_origin")
+
+
+@pytest.mark.parametrize(
+    "host",
+    ["evil.example", "evil.example:8787", "127.0.0.1.nip.io", "10.1.2.3:8787", "[::2]:1", "::1"],
+)
+async def test_a_host_that_is_not_loopback_is_refused(
+    client: TestClient, registry: CollectorRegistry, host: str
+) -> None:
+    headers = {**HEADERS, "Host": host}
+    response = await client.post("/v1/token", json={"userId": "u"}, headers=headers)
+    await expect_error(response, 403, "host_not_allowed")
+    assert errors(registry, "host_not_allowed") == 1
+    # checked after Origin (4) and before the content type (5)
+    response = await client.post(
+        "/v1/token", json={"userId": "u"}, headers={**headers, "Origin": "https://e.example"}
+    )
+    await expect_error(response, 403, "browser_origin")
+    response = await client.post(
+        "/v1/token", data=b"{}", headers={**headers, "Content-Type": "text/plain"}
+    )
+    await expect_error(response, 403, "host_not_allowed")
+
+
+@pytest.mark.parametrize(
+    "host", ["127.0.0.1:8787", "localhost", "LocalHost:1", "127.9.9.9", "[::1]:8787", "[::1]"]
+)
+async def test_loopback_hosts_are_served(client: TestClient, host: str) -> None:
+    response = await client.post(
+        "/v1/token", json={"userId": "u"}, headers={**HEADERS, "Host": host}
+    )
+    assert response.status == 200
+
+
+async def test_the_unix_socket_app_does_not_check_host(
+    aiohttp_client: Any, registry: CollectorRegistry
+) -> None:
+    client = await aiohttp_client(build(registry, check_host=False))
+    headers = {**HEADERS, "Host": "%2Frun%2Freditus%2Fsidecar.sock"}
+    response = await client.post("/v1/token", json={"userId": "u"}, headers=headers)
+    assert response.status == 200
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"userId": "a", "userId": "b"}',
+        b'{"userId": "a", "product": "default", "product": "shop"}',
+        b'{"userId": "a", "extra": {"k": 1, "k": 2}}',
+    ],
+)
+async def test_a_repeated_json_key_is_refused(client: TestClient, body: bytes) -> None:
+    response = await client.post("/v1/token", data=body, headers=HEADERS)
+    answer = await expect_error(response, 400, "invalid_json")
+    assert "repeats the key" in answer["error"]["message"]
 
 
 @pytest.mark.parametrize(

@@ -23,10 +23,10 @@ async def test_reads_and_versions_count_changes(tmp_path: Path) -> None:
     src = source(path)
     first = await src.fetch()
     assert (first.product_id, first.secret.reveal(), first.version) == ("p1", "secret-one", 1)
-    assert not src.changed()
+    assert not await src.changed()
     assert (await src.fetch()).version == 1  # same content, same version
     write_secret(path, "p1", "secret-two")
-    assert src.changed()
+    assert await src.changed()
     second = await src.fetch()
     assert (second.secret.reveal(), second.version) == ("secret-two", 2)
 
@@ -45,7 +45,7 @@ async def test_follows_the_kubernetes_symlink_swap(tmp_path: Path) -> None:
     tmp_link = tmp_path / "..data_tmp"
     tmp_link.symlink_to(second.name)
     os.replace(tmp_link, tmp_path / "..data")
-    assert src.changed()
+    assert await src.changed()
     material = await src.fetch()
     assert (material.secret.reveal(), material.version) == ("two", 2)
 
@@ -88,9 +88,9 @@ async def test_deleted_file_is_unavailable_then_recovers(tmp_path: Path) -> None
     src = source(path)
     await src.fetch()
     path.unlink()
-    assert src.changed()
+    assert await src.changed()
     with pytest.raises(SecretUnavailable, match="no such file"):
         await src.fetch()
     write_secret(path, "p", "two")
-    assert src.changed()
+    assert await src.changed()
     assert (await src.fetch()).secret.reveal() == "two"

@@ -22,12 +22,22 @@ from hypothesis import HealthCheck, given, settings
 from prometheus_client import CollectorRegistry
 
 from sidecar.api import create_api_app
+from sidecar.listener import PROTOCOL_ERROR_CODES, SIGNING_LIMITS
 from sidecar.metrics import ERROR_REASONS, Metrics
 from sidecar.redact import Redacted
 from sidecar.signer import TokenSigner
 from sidecar.state import SecretStore, Snapshot
 
-from .support import ROOT, TEST_PRODUCT_ID, TEST_SECRET, SidecarProcess, start_sidecar
+from .support import (
+    ROOT,
+    TEST_PRODUCT_ID,
+    TEST_SECRET,
+    SidecarProcess,
+    metric_value,
+    post_token,
+    scrape,
+    start_sidecar,
+)
 
 OPENAPI = ROOT / "docs" / "openapi.yaml"
 BODY = b'{"userId": "u-hardening"}'
@@ -69,11 +79,11 @@ def sidecar(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SidecarProcess
 def test_openapi_documents_every_error_code() -> None:
     spec = yaml.safe_load(OPENAPI.read_text())
     codes = spec["components"]["schemas"]["Error"]["properties"]["error"]["properties"]["code"]
-    assert set(codes["enum"]) == set(ERROR_REASONS)
+    assert set(codes["enum"]) == set(ERROR_REASONS) | set(PROTOCOL_ERROR_CODES)
     statuses = set(spec["paths"]["/v1/token"]["post"]["responses"])
-    assert statuses == {"200", "400", "403", "404", "405", "408", "413", "415", "503"}
+    assert statuses == {"200", "400", "403", "404", "405", "408", "413", "415", "431", "503"}
     readme = (ROOT / "README.md").read_text()
-    for code in ERROR_REASONS:
+    for code in ERROR_REASONS + PROTOCOL_ERROR_CODES:
         if code != "internal":
             assert f"`{code}`" in readme, f"{code} missing from the README's error table"
 
@@ -111,7 +121,7 @@ def test_schemathesis_invalid_requests_are_refused_cleanly(sidecar: SidecarProce
         if response.status_code != 200:  # some "invalid" inputs are fine (ignored fields)
             body = response.json()
             assert set(body) == {"error"}
-            assert body["error"]["code"] in ERROR_REASONS
+            assert body["error"]["code"] in ERROR_REASONS + PROTOCOL_ERROR_CODES
             assert TEST_SECRET not in response.text
 
     run()
@@ -186,23 +196,54 @@ async def test_body_timeout_answers_408_in_process(aiohttp_server: Any) -> None:
 # --- many connections, SIGTERM under load ------------------------------------------------
 
 
-def test_500_concurrent_connections_are_all_served(sidecar: SidecarProcess) -> None:
-    host, port = sidecar.api_url.removeprefix("http://").split(":")
+async def _burst(host: str, port: int, count: int) -> list[int | None]:
+    """`count` connections at once, one request each: statuses (None: closed unanswered)."""
 
-    async def one() -> int:
-        reader, writer = await asyncio.open_connection(host, int(port))
+    async def one() -> int | None:
+        try:
+            reader, writer = await asyncio.open_connection(host, port)
+        except OSError:
+            return None
         try:
             writer.write(request_head(host, close=True) + BODY)
             status, body = await read_response(reader)
-            check_token(body)
-            return status
+        except (asyncio.IncompleteReadError, ConnectionError):
+            return None
         finally:
             writer.close()
+        check_token(body)
+        return status
 
-    async def run() -> list[int]:
-        return await asyncio.wait_for(asyncio.gather(*(one() for _ in range(500))), 60)
+    return await asyncio.wait_for(asyncio.gather(*(one() for _ in range(count))), 60)
 
-    assert asyncio.run(run()) == [200] * 500
+
+def test_connections_up_to_the_cap_are_all_served(sidecar: SidecarProcess) -> None:
+    host, port = sidecar.api_url.removeprefix("http://").split(":")
+    count = SIGNING_LIMITS.max_connections - 6
+    assert asyncio.run(_burst(host, int(port), count)) == [200] * count
+
+
+def test_a_burst_past_the_cap_is_shed_and_counted(sidecar: SidecarProcess) -> None:
+    """Beyond the cap, connections not yet in a request are closed (oldest first) or new
+    ones refused; every one closed is counted, every answer is a valid token."""
+    host, port = sidecar.api_url.removeprefix("http://").split(":")
+
+    def shed() -> float:
+        text = scrape(sidecar.metrics_url)
+        return sum(
+            metric_value(
+                text, f'reditus_sidecar_http_connections_{kind}_total{{listener="signing"}}'
+            )
+            for kind in ("evicted", "refused")
+        )
+
+    before = shed()
+    statuses = asyncio.run(_burst(host, int(port), 3 * SIGNING_LIMITS.max_connections))
+    closed = statuses.count(None)
+    assert set(statuses) <= {200, None}
+    assert closed > 0
+    assert shed() - before == closed
+    assert post_token(sidecar.api_url, {"userId": "after"})[0] == 200
 
 
 def test_sigterm_under_load_loses_no_accepted_request(tmp_path: Path) -> None:

@@ -56,6 +56,7 @@ DOCUMENTED_ENV = {
     "REDITUS_SIDECAR_TOKEN_TTL",
     "REDITUS_SIDECAR_LOG_LEVEL",
     "REDITUS_SIDECAR_LOG_FORMAT",
+    "REDITUS_SIDECAR_SHUTDOWN_DELAY",
 }
 FILE_ENV = (
     "VAULT_CACERT",
@@ -302,6 +303,71 @@ def test_plain_container_mode() -> None:
     assert sidecar["image"] == f"registry.example.com/platform/reditus-sidecar@{digest}"
 
 
+def shutdown_delay(*args: str) -> tuple[str | None, int]:
+    """REDITUS_SIDECAR_SHUTDOWN_DELAY of the rendered sidecar (None when unset) and the
+    pod's terminationGracePeriodSeconds."""
+    spec = pod_spec([d for d in yaml.safe_load_all(helm_template(*args).stdout) if d])
+    return env_of(sidecar_container(spec)).get("REDITUS_SIDECAR_SHUTDOWN_DELAY"), spec[
+        "terminationGracePeriodSeconds"
+    ]
+
+
+@pytest.mark.parametrize("scenario", ALL, ids=ALL_IDS)
+def test_shutdown_delay_follows_the_mode_and_fits_the_grace_period(scenario: str | None) -> None:
+    """Plain containers get SIGTERM with the app, so the sidecar keeps signing 5 s by
+    default; native sidecars are stopped after the app and get no delay. The grace period
+    covers the delay plus the sidecar's 10 s drain."""
+    spec = pod_spec(rendered(scenario))
+    native = "reditus-sidecar" in {c["name"] for c in spec.get("initContainers", [])}
+    delay = env_of(sidecar_container(spec)).get("REDITUS_SIDECAR_SHUTDOWN_DELAY")
+    assert delay == (None if native else "5")
+    assert spec["terminationGracePeriodSeconds"] > int(delay or 0) + 10
+
+
+def test_plain_container_scenario_has_the_default_shutdown_delay() -> None:
+    assert "plain-container-values.yaml" in SCENARIOS
+    assert shutdown_delay(*values_args("plain-container-values.yaml")) == ("5", 30)
+
+
+@pytest.mark.parametrize(
+    ("settings", "expected"),
+    [
+        ([], (None, 30)),
+        (["sidecar.shutdownDelay=3"], ("3", 30)),  # explicit: honoured in native mode too
+        (["sidecar.shutdownDelay=0"], (None, 30)),
+        (["sidecar.mode=container", "sidecar.shutdownDelay=0"], (None, 30)),
+        (
+            [
+                "sidecar.mode=container",
+                "sidecar.shutdownDelay=20",
+                "deployment.terminationGracePeriodSeconds=31",
+            ],
+            ("20", 31),
+        ),
+        # Back to the mode's default, as from a parent chart's values.
+        (["sidecar.mode=container", "sidecar.shutdownDelay=null"], ("5", 30)),
+    ],
+)
+def test_explicit_shutdown_delay_wins_over_the_mode_default(
+    settings: list[str], expected: tuple[str | None, int]
+) -> None:
+    assert shutdown_delay(*[a for s in settings for a in ("--set", s)]) == expected
+
+
+def test_grace_period_check_is_left_to_an_embedding_chart() -> None:
+    """With deployment.enabled=false the chart does not own the pod, so a short grace
+    period of its own values must not fail the parent's rendering."""
+    proc = helm_template(
+        "--set",
+        "deployment.enabled=false",
+        "--set",
+        "sidecar.mode=container",
+        "--set",
+        "deployment.terminationGracePeriodSeconds=5",
+    )
+    assert "kind: ServiceAccount" in proc.stdout
+
+
 @pytest.mark.parametrize("scenario", ALL, ids=ALL_IDS)
 def test_selectors_use_name_and_instance_only(scenario: str | None) -> None:
     docs = rendered(scenario)
@@ -541,6 +607,8 @@ def test_bundled_rules_and_dashboard_are_copies_of_deploy() -> None:
         ("sidecar.source=consul", "/sidecar/source"),
         ("sidecar.listen=0.0.0.0:8787", "/sidecar/listen"),
         ("sidecar.opsPort=70000", "/sidecar/opsPort"),
+        ("sidecar.shutdownDelay=-1", "/sidecar/shutdownDelay"),
+        ("sidecar.shutdownDelay=301", "/sidecar/shutdownDelay"),  # the sidecar's own cap
     ],
 )
 def test_schema_rejects_typos_bad_enums_and_exposed_listeners(setting: str, message: str) -> None:
@@ -565,6 +633,15 @@ def test_schema_rejects_typos_bad_enums_and_exposed_listeners(setting: str, mess
             "only one of",
         ),
         (["sidecar.maxStaleness=10"], "at least sidecar.refreshInterval (30)"),
+        (
+            ["sidecar.mode=container", "deployment.terminationGracePeriodSeconds=15"],
+            "deployment.terminationGracePeriodSeconds (15) must be greater than"
+            " sidecar.shutdownDelay (5, the default in container mode) + 10 s",
+        ),
+        (
+            ["sidecar.shutdownDelay=25"],
+            "terminationGracePeriodSeconds (30) must be greater than sidecar.shutdownDelay (25)",
+        ),
     ],
 )
 def test_inconsistent_values_fail_with_a_clear_message(settings: list[str], message: str) -> None:
@@ -586,7 +663,12 @@ def test_notes_warn_about_inconsistent_values() -> None:
     assert "app.image is still the placeholder" in default
     assert "sidecar.vault.address is empty" in default
     configured = notes(*values_args("kubernetes-auth-values.yaml"))
-    assert "WARNING" not in configured
+    # The NetworkPolicy is opt-in, so its warning is the only one of a configured install.
+    assert configured.count("WARNING") == 1
+    assert "WARNING: networkPolicy.enabled is false: the ops port 9102" in configured
+    assert "WARNING" not in notes(
+        *values_args("kubernetes-auth-values.yaml"), "--set", "networkPolicy.enabled=true"
+    )
     assert (
         'Vault role "shop-reditus" must allow ServiceAccount "shop-reditus-sidecar"' in configured
     )
@@ -606,9 +688,42 @@ def test_notes_warn_about_inconsistent_values() -> None:
     library = notes("--set", "deployment.enabled=false")
     assert '"reditus-sidecar.container"' in library
     assert "POST http://127.0.0.1:8787/v1/token" not in library
+    # The chart's policy cannot protect the parent's pods: say so instead of warning.
+    assert "networkPolicy.enabled is false" not in library
+    assert "a NetworkPolicy of yours" in library
     monitoring = notes(*values_args("monitoring-values.yaml"))
     assert "install the Prometheus operator's CRDs first" in monitoring
     assert "helm test" in monitoring
+
+
+def test_notes_say_the_ops_port_is_open_without_the_network_policy() -> None:
+    text = " ".join(notes().split())
+    assert (
+        "networkPolicy.enabled is false: the ops port 9102 (/metrics, /healthz, /readyz)"
+        " is reachable from anywhere in the cluster"
+    ) in text
+    assert "never signing" in text
+    assert "set networkPolicy.enabled=true" in text
+    assert "networkPolicy.metricsFrom" in text
+    assert "reachable from anywhere" not in notes(*values_args("monitoring-values.yaml"))
+
+
+def test_notes_explain_the_shutdown_delay() -> None:
+    plain = " ".join(notes(*values_args("plain-container-values.yaml")).split())
+    assert "After SIGTERM the sidecar keeps signing for 5 s (sidecar.shutdownDelay)" in plain
+    native = notes()
+    assert "shutdownDelay" not in native
+    assert "only makes each pod take 7 s longer" in " ".join(
+        notes("--set", "sidecar.shutdownDelay=7").split()
+    )
+    no_delay = notes(
+        *values_args("plain-container-values.yaml"), "--set", "sidecar.shutdownDelay=0"
+    )
+    assert "sidecar.shutdownDelay is 0 in container mode" in no_delay
+    library = " ".join(
+        notes("--set", "deployment.enabled=false", "--set", "sidecar.mode=container").split()
+    )
+    assert "terminationGracePeriodSeconds must be greater than 15" in library
 
 
 def test_every_values_key_is_commented() -> None:

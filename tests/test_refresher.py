@@ -16,7 +16,7 @@ from sidecar.refresher import Refresher, backoff_delay
 from sidecar.sources.base import SecretMaterial
 from sidecar.sources.file import FileSource
 from sidecar.state import SecretStore
-from tests.support import write_secret
+from tests.support import eventually_async, write_secret
 
 
 class ScriptedSource:
@@ -34,7 +34,7 @@ class ScriptedSource:
             raise self.answer
         return self.answer
 
-    def changed(self) -> bool:
+    async def changed(self) -> bool:
         return False
 
     async def close(self) -> None:
@@ -147,10 +147,94 @@ async def test_loop_retries_soon_after_errors_and_recovers(registry: CollectorRe
         await asyncio.sleep(0.3)
         assert src.calls == calls  # healthy: next read only after the 60 s interval
         ref.refresh_now()  # SIGHUP
-        await asyncio.sleep(0.1)
-        assert src.calls == calls + 1
+        await eventually_async(lambda: src.calls == calls + 1, what="the SIGHUP read")
     finally:
         await ref.stop()
+
+
+class GatedSource(ScriptedSource):
+    """A source whose reads wait until the test opens the gate: a read 'in flight'."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.answer = material("one", 1)
+        self.gate = asyncio.Event()
+        self.reading = asyncio.Event()
+
+    async def fetch(self) -> SecretMaterial:
+        self.reading.set()
+        await self.gate.wait()
+        self.reading.clear()
+        return await super().fetch()
+
+
+async def test_a_storm_of_sighups_coalesces_into_one_more_read(
+    registry: CollectorRegistry,
+) -> None:
+    src = GatedSource()
+    ref, _store = refresher(registry, src, interval=3600.0)
+    ref.start()
+    try:
+        await asyncio.wait_for(src.reading.wait(), 5)  # the first read is in flight
+        for _ in range(100):
+            ref.refresh_now()
+        src.gate.set()
+        await eventually_async(lambda: src.calls == 2, what="the one extra read")
+        for _ in range(100):  # and a second storm after it: again one read, spaced
+            ref.refresh_now()
+        await eventually_async(lambda: src.calls == 3, what="the read after the second storm")
+        await asyncio.sleep(1.5)  # more than the spacing: nothing else was owed
+        assert src.calls == 3
+    finally:
+        await ref.stop()
+
+
+async def test_a_sighup_during_a_read_is_not_lost(registry: CollectorRegistry) -> None:
+    src = GatedSource()
+    ref, _store = refresher(registry, src, interval=3600.0)
+    ref.start()
+    try:
+        await asyncio.wait_for(src.reading.wait(), 5)
+        ref.refresh_now()
+        src.gate.set()
+        await eventually_async(lambda: src.calls == 2, what="the read owed to the SIGHUP")
+    finally:
+        await ref.stop()
+
+
+async def test_file_watch_leaves_a_broken_file_to_the_backoff(
+    registry: CollectorRegistry, tmp_path: Path
+) -> None:
+    """A directory at the secret path changes on every stat; it must be read on the
+    backoff schedule (1 s, then 2 s, 4 s... capped), not on every 1 s watch tick."""
+    path = tmp_path / "s.json"
+    path.mkdir()
+    (path / "entry").write_text("x")
+    src = CountingFileSource(path)
+    ref, store = refresher(registry, src, interval=3600.0, backoff_max=30.0)
+    ref.rng.seed(1)
+    ref.start()
+    try:
+        await eventually_async(lambda: src.calls >= 2, what="the first retry")
+        await asyncio.sleep(2.5)
+        assert src.calls <= 3  # reads at 0, ~0.5-1, ~1.5-3 s; one per watch tick would be 5
+        assert store.current("default") is None
+        errors = sample(
+            registry, "reditus_sidecar_secret_refresh_total", product="default", result="error"
+        )
+        assert errors == src.calls
+    finally:
+        await ref.stop()
+
+
+class CountingFileSource(FileSource):
+    def __init__(self, path: Path) -> None:
+        super().__init__(path, product_id_key="product_id", secret_key="product_secret")
+        self.calls = 0
+
+    async def fetch(self) -> SecretMaterial:
+        self.calls += 1
+        return await super().fetch()
 
 
 async def test_retry_after_from_the_source_stretches_the_backoff(

@@ -24,7 +24,7 @@ async def test_reads_id_secret_and_version(openbao, kv_path, leak_guard) -> None
         assert material.secret.reveal() == "secret-one-" + "x" * 64
         assert material.version == 1
         assert source.description == f"vault secret/{kv_path}"
-        assert source.changed() is False
+        assert await source.changed() is False
         assert "secret-one" not in repr(material)
     finally:
         await session.close()

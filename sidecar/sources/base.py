@@ -33,7 +33,7 @@ class SecretSource(Protocol):
 
     async def fetch(self) -> SecretMaterial: ...
 
-    def changed(self) -> bool:
+    async def changed(self) -> bool:
         """Cheap check whether a re-read may find something new (file sources)."""
         ...
 

@@ -306,7 +306,7 @@ class VaultSource:
         self.product = product
         self.description = f"vault {product.kv_mount}/{product.kv_path}"
 
-    def changed(self) -> bool:
+    async def changed(self) -> bool:
         return False  # Vault cannot tell us; the refresher polls on its interval
 
     async def fetch(self) -> SecretMaterial:

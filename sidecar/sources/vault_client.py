@@ -11,7 +11,6 @@ reads when it translates the exception.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import email.utils
 import logging
 import re
@@ -26,6 +25,7 @@ import hvac.exceptions
 import requests
 import requests.utils
 
+from ..blocking import start_in_thread
 from ..config import VaultSettings
 from ..errors import SecretUnavailable, VaultAuthError
 
@@ -187,31 +187,10 @@ class VaultTransport:
             ) from None
 
     async def call(self, fn: Callable[[hvac.Client], T], *, token: str | None) -> T:
-        """Run one blocking hvac call in a daemon thread, bounded by the timeout.
-
-        A daemon thread (not the loop's executor) so that a call stuck on a hung Vault
-        can neither delay `close()` nor the interpreter's exit; its late result is dropped.
-        """
+        """Run one blocking hvac call off the loop (see `blocking`), bounded by the timeout."""
         if self._closed:
             raise SecretUnavailable("the Vault session is closed")
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[T] = loop.create_future()
-
-        def deliver(setter: Callable[[Any], None], value: Any) -> None:
-            if not future.done():
-                setter(value)
-
-        def run() -> None:
-            try:
-                result = self._blocking(fn, token)
-            except BaseException as exc:
-                outcome: tuple[Callable[[Any], None], Any] = (future.set_exception, exc)
-            else:
-                outcome = (future.set_result, result)
-            with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits
-                loop.call_soon_threadsafe(deliver, *outcome)
-
-        threading.Thread(target=run, name="vault-call", daemon=True).start()
+        future = start_in_thread(lambda: self._blocking(fn, token), name="vault-call")
         try:
             return await asyncio.wait_for(future, self.timeout + CALL_GRACE)
         except TimeoutError:

@@ -108,6 +108,21 @@ reditus-sidecar.image: the sidecar image reference: [registry/]repository, then
 {{- end }}
 
 {{/*
+reditus-sidecar.shutdownDelay: the effective sidecar.shutdownDelay in seconds, as a string
+(wrap in int). An explicit value wins; null means 5 in container mode (the app and the
+sidecar get SIGTERM together, the app may still need tokens) and 0 in native mode (the
+kubelet stops the sidecar after the app).
+*/}}
+{{- define "reditus-sidecar.shutdownDelay" -}}
+{{- $delay := .Values.sidecar.shutdownDelay -}}
+{{- if kindIs "invalid" $delay -}}
+{{- ternary 5 0 (eq .Values.sidecar.mode "container") -}}
+{{- else -}}
+{{- int $delay -}}
+{{- end -}}
+{{- end }}
+
+{{/*
 reditus-sidecar.validate: fails rendering on combinations that cannot work (the schema
 checks single values; this checks how they fit together). Returns nothing otherwise.
 */}}
@@ -115,6 +130,13 @@ checks single values; this checks how they fit together). Returns nothing otherw
 {{- $sc := .Values.sidecar -}}
 {{- if and (eq $sc.mode "native") .Capabilities (semverCompare "<1.29.0-0" .Capabilities.KubeVersion.Version) }}
 {{- fail (printf "sidecar.mode=native needs Kubernetes >= 1.29 (native sidecar containers); this cluster is %s: set sidecar.mode=container" .Capabilities.KubeVersion.Version) }}
+{{- end }}
+{{- /* The grace period check needs this chart's pod; an embedding chart owns its own. */}}
+{{- $delay := int (include "reditus-sidecar.shutdownDelay" .) }}
+{{- $grace := int .Values.deployment.terminationGracePeriodSeconds }}
+{{- if and .Values.deployment.enabled (gt $delay 0) (le $grace (add $delay 10)) }}
+{{- $why := ternary (printf "%d, the default in container mode" $delay) (toString $delay) (kindIs "invalid" $sc.shutdownDelay) }}
+{{- fail (printf "deployment.terminationGracePeriodSeconds (%d) must be greater than sidecar.shutdownDelay (%s) + 10 s (its drain of in-flight signing requests), or the kubelet kills the sidecar before it has drained: raise terminationGracePeriodSeconds (e.g. to %d) or lower sidecar.shutdownDelay (0 turns the delay off)" $grace $why (add $delay 15)) }}
 {{- end }}
 {{- if and (gt (int $sc.maxStaleness) 0) (lt (int $sc.maxStaleness) (int $sc.refreshInterval)) }}
 {{- fail (printf "sidecar.maxStaleness (%d) must be 0 (off) or at least sidecar.refreshInterval (%d): the sidecar refuses to start otherwise" (int $sc.maxStaleness) (int $sc.refreshInterval)) }}
@@ -143,7 +165,8 @@ checks single values; this checks how they fit together). Returns nothing otherw
 
 {{/*
 reditus-sidecar.env: the sidecar's environment (list of EnvVar), one variable per
-documented setting of DESIGN.md; Vault settings only when the source is vault.
+documented setting of DESIGN.md; Vault settings only when the source is vault, the
+shutdown delay only when it is on.
 */}}
 {{- define "reditus-sidecar.env" -}}
 {{- $sc := .Values.sidecar -}}
@@ -221,6 +244,11 @@ documented setting of DESIGN.md; Vault settings only when the source is vault.
   value: {{ $sc.logLevel | quote }}
 - name: REDITUS_SIDECAR_LOG_FORMAT
   value: {{ $sc.logFormat | quote }}
+{{- $delay := int (include "reditus-sidecar.shutdownDelay" .) }}
+{{- if gt $delay 0 }}
+- name: REDITUS_SIDECAR_SHUTDOWN_DELAY
+  value: {{ $delay | toString | quote }}
+{{- end }}
 {{- with $sc.extraEnv }}
 {{ toYaml . }}
 {{- end }}
