@@ -189,6 +189,9 @@ def test_dashboard_shape() -> None:
         "Vault token time left",
         "Readiness",
         "Build info",
+        "Open connections",
+        "Connections shed",
+        "Malformed HTTP",
     ):
         assert wanted in titles
     latency = next(p for p in panels() if p["title"] == "Signing latency")
