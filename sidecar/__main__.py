@@ -45,6 +45,10 @@ def _settings(args: argparse.Namespace, *, one_shot: bool = False) -> Settings:
     if one_shot and level == "info":
         level = "warning"
     logs.configure(level, settings.log_format)
+    if one_shot and level != "debug":
+        # The Vault session's "login failed, retry in N s" would promise a retry that a
+        # one-shot command never makes; the command prints the failure itself.
+        logging.getLogger("sidecar.sources.vault").setLevel(logging.ERROR)
     if settings.unknown_env:
         log.warning(
             "ignoring unknown variables (typo?)", extra={"detail": ", ".join(settings.unknown_env)}

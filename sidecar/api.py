@@ -1,6 +1,6 @@
 """The signing app: `POST /v1/token` on loopback (and the optional unix socket).
 
-Requests are checked in the order DESIGN.md fixes; the first failure answers with a
+Requests are checked in the order the README fixes; the first failure answers with a
 JSON error. Nothing a caller sends can produce a 5xx or a stack trace, and no error
 carries a secret, a token or the user id.
 """
@@ -41,8 +41,12 @@ _NO_STORE = {"Cache-Control": "no-store"}
 _JSON_TYPE = "application/json; charset=utf-8"
 
 
+class _Constant(ValueError):
+    """NaN, Infinity or -Infinity: Python's json accepts them, JSON does not."""
+
+
 def _no_constants(name: str) -> None:
-    raise ValueError(name)
+    raise _Constant(name)
 
 
 class _RepeatedKey(ValueError):
@@ -106,6 +110,10 @@ def _parse_object(body: bytes) -> dict[str, Any]:
     """Strict JSON: UTF-8, an object, no NaN/Infinity; depth bombs refused, not crashed on."""
     try:
         data = _DECODER.decode(body.decode("utf-8"))
+    except _Constant as exc:
+        raise ApiError(
+            400, "invalid_json", f"the body contains {exc}, which is not valid JSON"
+        ) from None
     except _RepeatedKey as exc:
         raise ApiError(
             400, "invalid_json", f"the body repeats the key {exc.key[:64]!r}; send each key once"

@@ -227,22 +227,25 @@ def _existing_file(raw: str | None, where: str) -> Path | None:
 
 
 def _nonempty(raw: str | None, where: str) -> str:
-    if raw is None or not raw.strip():
+    if raw is None:
+        raise ConfigError(f"{where}: must be set")
+    if not raw.strip():
         raise ConfigError(f"{where}: must not be empty")
     return raw.strip()
 
 
-def load_file(path: str) -> dict[str, Any]:
-    """Read the TOML config file; unknown keys are refused so a typo cannot pass."""
+def load_file(path: str, where: str = "--config") -> dict[str, Any]:
+    """Read the TOML config file; unknown keys are refused so a typo cannot pass.
+    `where` names how it was given (the option or the variable) for error messages."""
     try:
         with open(path, "rb") as handle:
             data = tomllib.load(handle)
     except FileNotFoundError:
-        raise ConfigError(f"--config {path!r}: no such file") from None
+        raise ConfigError(f"{where} {path!r}: no such file") from None
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"--config {path!r}: not valid TOML: {exc}") from None
+        raise ConfigError(f"{where} {path!r}: not valid TOML: {exc}") from None
     except OSError as exc:
-        raise ConfigError(f"--config {path!r}: cannot read: {exc.strerror}") from None
+        raise ConfigError(f"{where} {path!r}: cannot read: {exc.strerror}") from None
     allowed = {key.lower() for key in GLOBAL_KEYS} - {"config"} | {"products"}
     for key in data:
         if key not in allowed:
@@ -265,8 +268,9 @@ def load_file(path: str) -> dict[str, Any]:
 def load_settings(env: Mapping[str, str] | None = None, config_file: str | None = None) -> Settings:
     """Build and validate the settings; raise ConfigError on the first bad value."""
     env = dict(os.environ if env is None else env)
+    given_as = "--config" if config_file else f"{PREFIX}CONFIG"
     config_file = config_file or env.get(PREFIX + "CONFIG") or None
-    file_values = load_file(config_file) if config_file else {}
+    file_values = load_file(config_file, given_as) if config_file else {}
     values = _Values(env, file_values, config_file or "")
 
     def raw(suffix: str) -> tuple[str | None, str]:

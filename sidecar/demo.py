@@ -28,6 +28,7 @@ from . import logs
 from .config import Address, load_settings, parse_address
 from .devserver import BaoNotFound, OpenBaoDevServer, find_bao
 from .errors import ConfigError
+from .refresher import JITTER
 
 POLICY_NAME = "reditus-sidecar"
 ROLE_NAME = "reditus-sidecar"
@@ -216,7 +217,8 @@ def banner(
         f"    {curl}",
         "",
         f"[demo] metrics: http://{metrics}/metrics   health: http://{metrics}/readyz",
-        f"[demo] rotate the secret (the sidecar picks it up within {interval:g} s):",
+        f"[demo] rotate the secret (picked up within {interval * (1 + JITTER):g} s: the "
+        f"{interval:g} s refresh interval, +-{JITTER:.0%} jitter; at once on SIGHUP):",
         "",
         f"    {rotate}",
         "",

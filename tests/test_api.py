@@ -1,4 +1,4 @@
-"""The signing API: every status and error code, in the order DESIGN.md fixes."""
+"""The signing API: every status and error code, in the order the README fixes."""
 
 from __future__ import annotations
 
@@ -264,6 +264,14 @@ async def test_body_over_16_kib_is_413(client: TestClient, registry: CollectorRe
 async def test_bad_json_is_400(client: TestClient, body: bytes) -> None:
     response = await client.post("/v1/token", data=body, headers=HEADERS)
     await expect_error(response, 400, "invalid_json")
+
+
+@pytest.mark.parametrize("constant", ["NaN", "Infinity", "-Infinity"])
+async def test_nan_and_infinity_are_named_in_the_message(client: TestClient, constant: str) -> None:
+    body = b'{"userId": "u", "x": %s}' % constant.encode()
+    response = await client.post("/v1/token", data=body, headers=HEADERS)
+    answer = await expect_error(response, 400, "invalid_json")
+    assert answer["error"]["message"] == f"the body contains {constant}, which is not valid JSON"
 
 
 @pytest.mark.parametrize(

@@ -66,9 +66,12 @@ def failed_line(result: subprocess.CompletedProcess[str]) -> str:
 
 def test_vault_unreachable(approle_env) -> None:
     approle_env["VAULT_ADDR"] = f"http://127.0.0.1:{free_port_pair()}"
-    line = failed_line(run_check(approle_env))
+    result = run_check(approle_env)
+    line = failed_line(result)
     assert "unreachable (connection refused)" in line
     assert "VAULT_ADDR" in line
+    # one line: no log line promising a retry that a one-shot command never makes
+    assert result.stdout + result.stderr == line + "\n", result.stdout + result.stderr
 
 
 def test_tls_failure(openbao, approle_env, tmp_path) -> None:

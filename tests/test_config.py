@@ -101,9 +101,9 @@ def test_bad_values_are_refused(file_env: dict[str, str], env: dict[str, str], n
         ({"VAULT_ADDR": "127.0.0.1:8200"}, "VAULT_ADDR='127.0.0.1:8200': expected http(s)://"),
         ({"VAULT_ADDR": "http://v:8200"}, "VAULT_TOKEN or REDITUS_SIDECAR_VAULT_TOKEN_FILE"),
         ({"VAULT_ADDR": "http://v:8200", "REDITUS_SIDECAR_VAULT_AUTH": "ldap"}, "REDITUS_SIDECAR_VAULT_AUTH='ldap': expected one of token, approle, kubernetes, jwt"),
-        ({"VAULT_ADDR": "http://v:8200", "REDITUS_SIDECAR_VAULT_AUTH": "approle"}, "REDITUS_SIDECAR_VAULT_ROLE_ID: must not be empty"),
+        ({"VAULT_ADDR": "http://v:8200", "REDITUS_SIDECAR_VAULT_AUTH": "approle"}, "REDITUS_SIDECAR_VAULT_ROLE_ID: must be set"),
         ({"VAULT_ADDR": "http://v:8200", "REDITUS_SIDECAR_VAULT_AUTH": "approle", "REDITUS_SIDECAR_VAULT_ROLE_ID": "r", "REDITUS_SIDECAR_VAULT_SECRET_ID_FILE": "/nope"}, "REDITUS_SIDECAR_VAULT_SECRET_ID_FILE='/nope': no such file"),
-        ({"VAULT_ADDR": "http://v:8200", "REDITUS_SIDECAR_VAULT_AUTH": "kubernetes"}, "REDITUS_SIDECAR_VAULT_ROLE: must not be empty"),
+        ({"VAULT_ADDR": "http://v:8200", "REDITUS_SIDECAR_VAULT_AUTH": "kubernetes"}, "REDITUS_SIDECAR_VAULT_ROLE: must be set"),
         ({"VAULT_ADDR": "http://v:8200", "REDITUS_SIDECAR_VAULT_AUTH": "jwt", "REDITUS_SIDECAR_VAULT_ROLE": "r", "REDITUS_SIDECAR_VAULT_JWT_FILE": "/nope/jwt"}, "REDITUS_SIDECAR_VAULT_JWT_FILE='/nope/jwt': no such file"),
         ({"VAULT_ADDR": "http://v:8200", "REDITUS_SIDECAR_VAULT_TOKEN_FILE": "/nope"}, "REDITUS_SIDECAR_VAULT_TOKEN_FILE='/nope': no such file"),
         ({"VAULT_ADDR": "https://v:8200", "VAULT_TOKEN": "t", "VAULT_CACERT": "/nope.pem"}, "VAULT_CACERT='/nope.pem': no such file"),
@@ -167,9 +167,13 @@ def test_bad_config_files_are_refused(tmp_path: Path, text: str, needle: str) ->
     assert needle in str(info.value)
 
 
-def test_missing_config_file_is_refused() -> None:
-    with pytest.raises(ConfigError, match="no such file"):
+def test_missing_config_file_is_refused_naming_how_it_was_given() -> None:
+    with pytest.raises(ConfigError) as info:
         load_settings({}, "/no/such/config.toml")
+    assert str(info.value) == "--config '/no/such/config.toml': no such file"
+    with pytest.raises(ConfigError) as info:
+        load_settings({"REDITUS_SIDECAR_CONFIG": "/no/such/config.toml"})
+    assert str(info.value) == "REDITUS_SIDECAR_CONFIG '/no/such/config.toml': no such file"
 
 
 def test_unknown_variables_are_reported_but_service_links_are_not(file_env: dict[str, str]) -> None:

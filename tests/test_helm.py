@@ -28,7 +28,7 @@ NAMESPACE = "shop"
 OLDEST_KUBERNETES = "1.29.0"  # native sidecars (restartable init containers) are on by default
 CRD_GROUP = "monitoring.coreos.com/"
 
-# The sidecar's variables the chart may set: DESIGN.md's configuration table.
+# The sidecar's variables the chart may set: the README's configuration table.
 DOCUMENTED_ENV = {
     "VAULT_ADDR",
     "VAULT_CACERT",
@@ -399,7 +399,7 @@ def test_selectors_use_name_and_instance_only(scenario: str | None) -> None:
 
 @pytest.mark.parametrize("scenario", ALL, ids=ALL_IDS)
 def test_env_names_are_documented_and_files_are_mounted(scenario: str | None) -> None:
-    """Every variable is one DESIGN.md documents, and every file it names lies inside a
+    """Every variable is one the README documents, and every file it names lies inside a
     volume mounted into the sidecar (a wrong mountPath would leave the sidecar without
     credentials only at run time)."""
     spec = pod_spec(rendered(scenario))

@@ -4,8 +4,10 @@
 # in one namespace read the product secret. Idempotent: run it again to update.
 #
 #   VAULT_ADDR=https://vault.example:8200 VAULT_TOKEN=<admin token> \
-#     KUBERNETES_HOST=https://kubernetes.default.svc NAMESPACE=shop SERVICE_ACCOUNT=web \
-#     deploy/vault/setup-kubernetes-auth.sh
+#     KUBERNETES_HOST=https://kubernetes.default.svc NAMESPACE=shop \
+#     SERVICE_ACCOUNT=shop-reditus-sidecar AUDIENCE=vault deploy/vault/setup-kubernetes-auth.sh
+#
+# (the Helm chart's service account is <release>-reditus-sidecar, its token's audience vault)
 #
 # Environment (default in brackets):
 #   VAULT_ADDR, VAULT_TOKEN    the Vault (or OpenBao) to configure, and a token allowed to
@@ -18,7 +20,7 @@
 #                              unset: Vault uses its own pod's token, or the client's
 #   DISABLE_LOCAL_CA_JWT [false]  true when Vault runs outside the cluster
 #   NAMESPACE [default]        namespace of the app's pods
-#   SERVICE_ACCOUNT [default]  service account of the app's pods
+#   SERVICE_ACCOUNT [default]  service account of the pods (the chart's: <release>-reditus-sidecar)
 #   AUDIENCE [unset]           required `aud` of the service-account token, if any
 #   KV_MOUNT [secret], KV_PATH [reditus]   where the product secret lives (KV v2)
 #   POLICY [reditus-sidecar]   name of the policy written from reditus-sidecar.hcl

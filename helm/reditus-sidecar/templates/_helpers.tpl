@@ -165,7 +165,7 @@ checks single values; this checks how they fit together). Returns nothing otherw
 
 {{/*
 reditus-sidecar.env: the sidecar's environment (list of EnvVar), one variable per
-documented setting of DESIGN.md; Vault settings only when the source is vault, the
+documented setting of the README; Vault settings only when the source is vault, the
 shutdown delay only when it is on.
 */}}
 {{- define "reditus-sidecar.env" -}}
