@@ -249,7 +249,7 @@ def signed_with(token: str, secret: str) -> bool:
 def scrape(metrics_url: str) -> str:
     """The sidecar's /metrics exposition."""
     with urllib.request.urlopen(metrics_url + "/metrics", timeout=5) as response:  # noqa: S310
-        return response.read().decode()
+        return str(response.read().decode())
 
 
 def metric_value(text: str, series: str) -> float:
