@@ -24,7 +24,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from collections.abc import Iterator
 
 import common
@@ -32,26 +31,37 @@ from common import PYTHON, Server
 
 from sidecar.listener import MAX_FIELD_SIZE, MAX_HEADERS
 
+PROBE = """
+import sys, time, urllib.request
+url, seconds = sys.argv[1], float(sys.argv[2])
+end = time.monotonic() + seconds
+while time.monotonic() < end:
+    started = time.perf_counter()
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            response.read()
+        print(time.perf_counter() - started, flush=True)
+    except OSError:
+        print("fail", flush=True)
+    time.sleep(0.05)
+"""
 
-class Probe(threading.Thread):
-    """GET /healthz every 50 ms with kubelet's 2 s timeout; keeps each latency."""
 
-    def __init__(self, url: str) -> None:
-        super().__init__(daemon=True)
-        self.url = url + "/healthz"
-        self.latencies: list[float] = []
-        self.failures = 0
-        self.done = threading.Event()
+class Probe:
+    """GET /healthz every 50 ms with kubelet's 2 s timeout, from a process of its own (a
+    thread here would share this process's GIL with the flood and time that instead)."""
 
-    def run(self) -> None:
-        while not self.done.wait(0.05):
-            started = time.perf_counter()
-            try:
-                with urllib.request.urlopen(self.url, timeout=2) as response:  # noqa: S310
-                    response.read()
-                self.latencies.append(time.perf_counter() - started)
-            except OSError:
-                self.failures += 1
+    def __init__(self, url: str, seconds: float) -> None:
+        self.proc = subprocess.Popen(
+            [PYTHON, "-c", PROBE, url + "/healthz", str(seconds)],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+
+    def results(self) -> tuple[list[float], int]:
+        out, _ = self.proc.communicate(timeout=60)
+        lines = out.split()
+        return sorted(float(x) for x in lines if x != "fail"), lines.count("fail")
 
 
 def big_head() -> bytes:
@@ -139,18 +149,16 @@ def main() -> None:
     for kind in ("none", "scrape", "headers", "idle"):
         with common.sidecar_file([PYTHON, "-m", "sidecar", "serve"]) as server:
             common.wait_token(server)
-            probe = Probe(server.metrics_url)
             with flood(kind, server, args.seconds):
-                probe.start()
+                probe = Probe(server.metrics_url, args.seconds)
                 result = common.wrk(server, 50, args.seconds)
-                probe.done.set()
-                probe.join()
+                latencies, failures = probe.results()
             peak = common.rss_mib(server.proc.pid, "VmHWM")
-        lat = sorted(probe.latencies) or [float("nan")]
+        lat = latencies or [float("nan")]
         print(
             f"| {kind} | {result.rps:,.0f} | {result.p99_ms:.2f} "
             f"| {1000 * lat[len(lat) // 2]:.1f} | {1000 * lat[int(len(lat) * 0.99)]:.1f} "
-            f"| {1000 * lat[-1]:.1f} | {probe.failures} | {peak:.1f} |",
+            f"| {1000 * lat[-1]:.1f} | {failures} | {peak:.1f} |",
             flush=True,
         )
 

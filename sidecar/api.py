@@ -72,6 +72,10 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 # JSONDecoder per call (2.0 us instead of 0.7 us per body).
 _DECODER = json.JSONDecoder(parse_constant=_no_constants, object_pairs_hook=_unique_keys)
 _LOOPBACK_NAMES = frozenset({"localhost", "localhost."})
+# Fetch metadata only a browser sends: Chromium, Firefox and Safari send Site, Mode and
+# Dest on every request. Sec-Fetch-Mode is left out: Node's built-in fetch (undici) sends
+# `Sec-Fetch-Mode: cors` alone. Three lookups cost 0.2 us; scanning every header name, 2 us.
+_BROWSER_FETCH_HEADERS = ("Sec-Fetch-Site", "Sec-Fetch-Dest", "Sec-Fetch-User")
 _HOST = re.compile(r"^(?:\[(?P<ip6>[0-9A-Fa-f:.]+)\]|(?P<name>[^:\[\]]+))(?::\d{1,5})?$")
 
 
@@ -125,14 +129,6 @@ def _parse_object(body: bytes) -> dict[str, Any]:
             400, "invalid_json", 'the body must be a JSON object, e.g. {"userId": "u-123"}'
         )
     return data
-
-
-def _browser_fetch_header(name: str) -> bool:
-    """A fetch-metadata header only a browser sends. Browsers send Sec-Fetch-Site, -Mode and
-    -Dest on every request; Node's built-in fetch (undici) sends `Sec-Fetch-Mode: cors` alone,
-    so that one header by itself is not a browser's mark."""
-    lower = name.lower()
-    return lower.startswith("sec-fetch-") and lower != "sec-fetch-mode"
 
 
 @functools.lru_cache(maxsize=256)  # callers repeat one Host; the cache saves a parse each
@@ -281,7 +277,7 @@ class TokenHandler:
                     "missing_request_header",
                     "the header X-Sidecar-Request: true is required, exactly once",
                 )
-        if "Origin" in headers or any(_browser_fetch_header(name) for name in headers):
+        if "Origin" in headers or any(name in headers for name in _BROWSER_FETCH_HEADERS):
             raise ApiError(
                 403,
                 "browser_origin",

@@ -53,7 +53,7 @@ class Limits:
     backlog: int = 128
 
 
-OPS_LIMITS = Limits(max_connections=64, idle_timeout=5.0, lingering_time=0.0)
+OPS_LIMITS = Limits(max_connections=32, idle_timeout=5.0, lingering_time=0.0)
 #: shared by the signing listeners (TCP and unix socket split it evenly)
 SIGNING_LIMITS = Limits(max_connections=256, idle_timeout=10.0, lingering_time=2.0)
 

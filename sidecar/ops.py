@@ -1,18 +1,59 @@
 """The ops app on the pod IP: `/metrics`, `/healthz`, `/readyz`.
 
 Kubelet and Prometheus reach the pod IP, not loopback, so this listener is separate
-from signing and exposes nothing that could mint a token.
+from signing and exposes nothing that could mint a token. Anything in the cluster can
+reach it too, so its one costly answer, the metrics exposition, is rendered a bounded
+number of times per second.
 """
 
 from __future__ import annotations
 
 import math
+import time
+from collections.abc import Callable
 
 from aiohttp import web
-from prometheus_client import CollectorRegistry
-from prometheus_client.aiohttp import make_aiohttp_handler
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from .state import SecretStore
+
+# Rendering the exposition takes about a millisecond of CPU: a flood of scrapers would
+# spend the core on it. Prometheus scrapes every few seconds; more than this many renders
+# a second are served the last one (at most 1/RENDERS_PER_SECOND s old).
+RENDERS_PER_SECOND = 20.0
+RENDER_BURST = 20.0
+
+
+class MetricsCache:
+    """The registry's exposition, rendered at most RENDERS_PER_SECOND times a second
+    (token bucket of RENDER_BURST); in between, the last rendering is served."""
+
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        *,
+        rate: float = RENDERS_PER_SECOND,
+        burst: float = RENDER_BURST,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._registry = registry
+        self._rate = rate
+        self._burst = burst
+        self._clock = clock
+        self._tokens = burst
+        self._last = clock()
+        self._body: bytes | None = None
+        self.renders = 0
+
+    def exposition(self) -> bytes:
+        now = self._clock()
+        self._tokens = min(self._burst, self._tokens + (now - self._last) * self._rate)
+        self._last = now
+        if self._body is None or self._tokens >= 1:
+            self._tokens = max(0.0, self._tokens - 1)
+            self._body = generate_latest(self._registry)
+            self.renders += 1
+        return self._body
 
 
 def _readiness(store: SecretStore) -> tuple[bool, dict[str, object]]:
@@ -30,8 +71,16 @@ def _readiness(store: SecretStore) -> tuple[bool, dict[str, object]]:
     return ready, {"status": "ready" if ready else "not_ready", "products": products}
 
 
-def create_ops_app(store: SecretStore, registry: CollectorRegistry) -> web.Application:
+def create_ops_app(
+    store: SecretStore, registry: CollectorRegistry, *, cache: MetricsCache | None = None
+) -> web.Application:
     """Metrics and probes; product ids and versions only, never a secret."""
+    metrics_cache = cache or MetricsCache(registry)
+
+    async def metrics(_request: web.Request) -> web.Response:
+        return web.Response(
+            body=metrics_cache.exposition(), headers={"Content-Type": CONTENT_TYPE_LATEST}
+        )
 
     async def healthz(_request: web.Request) -> web.Response:
         # Alive as long as the event loop answers; Vault trouble is readiness, not liveness.
@@ -44,7 +93,7 @@ def create_ops_app(store: SecretStore, registry: CollectorRegistry) -> web.Appli
         return web.json_response(body, status=200 if ready else 503)
 
     app = web.Application()
-    app.router.add_get("/metrics", make_aiohttp_handler(registry))
+    app.router.add_get("/metrics", metrics)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     return app

@@ -30,7 +30,7 @@ def eventually(condition: Callable[[], object], *, timeout: float = 10.0, what: 
     while not condition():
         if time.monotonic() > deadline:
             raise AssertionError(f"not within {timeout} s: {what or condition}")
-        time.sleep(0.02)
+        time.sleep(0.05)
 
 
 async def eventually_async(
@@ -41,7 +41,7 @@ async def eventually_async(
     while not condition():
         if time.monotonic() > deadline:
             raise AssertionError(f"not within {within} s: {what or condition}")
-        await asyncio.sleep(0.02)
+        await asyncio.sleep(0.05)
 
 
 def free_port() -> int:
