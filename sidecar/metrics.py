@@ -109,6 +109,11 @@ class Metrics:
             "1 when every product has a usable secret, else 0.",
             registry=registry,
         )
+        self.requests_in_flight = Gauge(
+            "reditus_sidecar_requests_in_flight",
+            "Signing requests being handled now (a SIGTERM drain waits for them).",
+            registry=registry,
+        )
         self.http_connections = Gauge(
             "reditus_sidecar_http_connections",
             "Open connections, by listener.",

@@ -146,6 +146,7 @@ async def serve(settings: Settings, *, stop: asyncio.Event | None = None) -> int
         )
         handlers.append(app[TOKEN_HANDLER])
         runners[name] = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_GRACE)
+    metrics.requests_in_flight.set_function(lambda: sum(h.in_flight for h in handlers))
     ops_runner = web.AppRunner(
         create_ops_app(store, registry), access_log=None, shutdown_timeout=1.0
     )

@@ -93,6 +93,12 @@ class SidecarProcess:
     def wait_ready(self, timeout: float = 20.0) -> None:
         wait_http(self.metrics_url + "/readyz", timeout=timeout, proc=self.proc, want=200)
 
+    def wait(self, timeout: float) -> int:
+        """Wait for the process to exit and for every line it printed."""
+        code = self.proc.wait(timeout)
+        join_output(self.proc)
+        return code
+
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
@@ -101,6 +107,7 @@ class SidecarProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(5)
+        join_output(self.proc)
         return int(self.proc.returncode)
 
 
@@ -128,6 +135,16 @@ def wait_http(
     raise AssertionError(f"{url} did not answer {want} within {timeout}s (last: {last})")
 
 
+_PUMPS: dict[int, threading.Thread] = {}  # output reader of each spawned process, by pid
+
+
+def join_output(proc: subprocess.Popen[str], timeout: float = 10.0) -> None:
+    """After `proc` exited: wait until its reader has taken every line it printed."""
+    pump = _PUMPS.pop(proc.pid, None)
+    if pump is not None:
+        pump.join(timeout)
+
+
 def _pump(stream: object, lines: list[str]) -> None:
     for line in stream:  # type: ignore[attr-defined]
         lines.append(line.rstrip("\n"))
@@ -147,7 +164,9 @@ def spawn(
         text=True,
     )
     lines: list[str] = []
-    threading.Thread(target=_pump, args=(proc.stdout, lines), daemon=True).start()
+    pump = threading.Thread(target=_pump, args=(proc.stdout, lines), daemon=True)
+    pump.start()
+    _PUMPS[proc.pid] = pump
     return proc, lines
 
 

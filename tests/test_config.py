@@ -8,7 +8,7 @@ import pytest
 
 from sidecar.config import load_settings
 from sidecar.errors import ConfigError
-from tests.support import base_env, spawn, write_secret
+from tests.support import base_env, join_output, spawn, write_secret
 
 
 @pytest.fixture
@@ -77,6 +77,7 @@ def test_loopback_listen_addresses_are_accepted(
         ({"REDITUS_SIDECAR_REFRESH_INTERVAL": "-5"}, "must be positive"),
         ({"REDITUS_SIDECAR_REFRESH_INTERVAL": "soon"}, "expected a number of seconds"),
         ({"REDITUS_SIDECAR_BACKOFF_MAX": "0"}, "REDITUS_SIDECAR_BACKOFF_MAX='0': must be positive"),
+        ({"REDITUS_SIDECAR_BACKOFF_MAX": "0.5"}, "REDITUS_SIDECAR_BACKOFF_MAX: must be at least 1"),
         ({"REDITUS_SIDECAR_MAX_STALENESS": "-1"}, "REDITUS_SIDECAR_MAX_STALENESS='-1': must be zero or positive"),
         ({"REDITUS_SIDECAR_MAX_STALENESS": "5"}, "at least REDITUS_SIDECAR_REFRESH_INTERVAL"),
         ({"REDITUS_SIDECAR_TOKEN_TTL": "1.5"}, "REDITUS_SIDECAR_TOKEN_TTL='1.5': must be a whole number"),
@@ -192,6 +193,7 @@ def test_cli_exits_2_with_one_clear_line(command: str, file_env: dict[str, str])
     env = base_env(**file_env, REDITUS_SIDECAR_LISTEN="0.0.0.0:8787")
     proc, lines = spawn(command.split(), env)
     assert proc.wait(30) == 2
+    join_output(proc)
     output = "\n".join(lines)
     assert "configuration error: REDITUS_SIDECAR_LISTEN='0.0.0.0:8787'" in output
     assert "loopback" in output
@@ -213,6 +215,7 @@ def test_serve_refuses_bad_values_as_a_process(
 ) -> None:
     proc, lines = spawn(["serve"], base_env(**{**file_env, **env}))
     assert proc.wait(30) == 2
+    join_output(proc)
     output = "\n".join(lines)
     assert needle in output
     assert len(lines) == 1, output
@@ -222,4 +225,5 @@ def test_serve_refuses_bad_values_as_a_process(
 def test_cli_refuses_a_missing_config_file() -> None:
     proc, lines = spawn(["serve", "--config", "/no/such.toml"], base_env())
     assert proc.wait(30) == 2
+    join_output(proc)
     assert any("--config '/no/such.toml': no such file" in line for line in lines)

@@ -31,6 +31,16 @@ async def test_reads_and_versions_count_changes(tmp_path: Path) -> None:
     assert (second.secret.reveal(), second.version) == ("secret-two", 2)
 
 
+async def test_a_change_of_the_product_id_alone_is_a_new_version(tmp_path: Path) -> None:
+    path = tmp_path / "s.json"
+    write_secret(path, "p1", "same-secret")
+    src = source(path)
+    assert (await src.fetch()).version == 1
+    write_secret(path, "p2", "same-secret")
+    material = await src.fetch()
+    assert (material.product_id, material.version) == ("p2", 2)
+
+
 async def test_follows_the_kubernetes_symlink_swap(tmp_path: Path) -> None:
     # A secret volume: file -> ..data/file, ..data -> ..TIMESTAMP (swapped atomically).
     first, second = tmp_path / "..2026_01", tmp_path / "..2026_02"

@@ -67,7 +67,7 @@ def test_a_second_sidecar_on_a_live_socket_refuses_and_leaves_it_alone(tmp_path:
     second_dir.mkdir()
     with start_sidecar(first_dir, REDITUS_SIDECAR_UNIX_SOCKET=str(path)) as first:
         with start_sidecar(second_dir, wait=False, REDITUS_SIDECAR_UNIX_SOCKET=str(path)) as second:
-            assert second.proc.wait(20) == 1
+            assert second.wait(20) == 1
             assert f"{path}: another process is serving on this socket" in second.output()
         assert path.exists()
         assert sign_on_socket(path) == 200  # the first one still answers on its socket
@@ -98,7 +98,7 @@ def test_an_unwritable_socket_directory_is_named_in_the_error(tmp_path: Path) ->
     with start_sidecar(
         tmp_path, wait=False, wrapper=wrapper, REDITUS_SIDECAR_UNIX_SOCKET=str(path)
     ) as sidecar:
-        assert sidecar.proc.wait(20) == 1, sidecar.output()
+        assert sidecar.wait(20) == 1, sidecar.output()
         assert f"cannot create the socket {path}: Permission denied" in sidecar.output()
 
 
@@ -169,13 +169,13 @@ def test_shutdown_delay_keeps_signing_while_unready(tmp_path: Path) -> None:
             assert status == 200, body
         assert sidecar.proc.poll() is None
         sidecar.proc.send_signal(signal.SIGTERM)  # a second signal ends the delay
-        assert sidecar.proc.wait(15) == 0
+        assert sidecar.wait(15) == 0
 
 
 def test_shutdown_delay_ends_by_itself(tmp_path: Path) -> None:
     with start_sidecar(tmp_path, REDITUS_SIDECAR_SHUTDOWN_DELAY="1") as sidecar:
         sidecar.proc.send_signal(signal.SIGTERM)
-        assert sidecar.proc.wait(15) == 0
+        assert sidecar.wait(15) == 0
         assert any("shutdown delay" in line for line in sidecar.lines)
 
 
@@ -198,4 +198,4 @@ def test_requests_during_the_drain_after_the_delay(tmp_path: Path) -> None:
         finally:
             conn.close()
         assert answer.split(b" ", 2)[1] == b"200"
-        assert sidecar.proc.wait(15) == 0
+        assert sidecar.wait(15) == 0

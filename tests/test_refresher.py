@@ -93,6 +93,70 @@ async def test_unchanged_reads_confirm_without_replacing(registry: CollectorRegi
     assert sample(registry, last, product="default") == 1000.0
 
 
+async def test_unchanged_reads_keep_the_secret_fresh_under_max_staleness(
+    registry: CollectorRegistry,
+) -> None:
+    """An unchanged read confirms the secret: without it every pod would go unready once
+    MAX_STALENESS passed without a rotation."""
+    now = [0.0]
+    store = SecretStore(["default"], max_staleness=10.0, monotonic=lambda: now[0])
+    src = ScriptedSource()
+    src.answer = material("one", 4)
+    ref = Refresher(
+        {"default": src},  # type: ignore[dict-item]
+        store,
+        Metrics(registry, ["default"], "test"),
+        interval=5.0,
+        backoff_max=5.0,
+    )
+    assert await ref.refresh("default")
+    for _ in range(5):  # 40 s of unchanged reads every 8 s, each within the 10 s bound
+        now[0] += 8.0
+        assert await ref.refresh("default")
+        assert store.current("default") is not None
+    now[0] += 11.0  # no read for longer than MAX_STALENESS: now it is stale
+    assert store.current("default") is None
+
+
+class Extreme:
+    """A stand-in random source: every draw is the top (or bottom) of its range."""
+
+    def __init__(self, top: bool) -> None:
+        self.top = top
+
+    def uniform(self, low: float, high: float) -> float:
+        return high if self.top else low
+
+
+async def test_the_interval_is_jittered() -> None:
+    """+-10 %: many pods started together must not read Vault in lockstep."""
+    for top, expected in ((True, 110), (False, 90)):
+        src = ScriptedSource()
+        src.answer = material("one", 1)
+        ref, _store = refresher(CollectorRegistry(), src, interval=100.0, backoff_max=1000.0)
+        ref.rng = Extreme(top)  # type: ignore[assignment]
+        ref.start()
+        try:
+            await eventually_async(lambda src=src: src.calls == 1, what="the first read")
+            await eventually_async(lambda ref=ref: ref.retry_after("default") > 1)
+            assert ref.retry_after("default") == expected
+        finally:
+            await ref.stop()
+
+
+async def test_retry_after_follows_the_backoff(registry: CollectorRegistry) -> None:
+    src = ScriptedSource()  # always failing
+    ref, _store = refresher(registry, src, interval=100.0, backoff_max=30.0)
+    ref.rng = Extreme(True)  # type: ignore[assignment]
+    ref.start()
+    try:
+        await eventually_async(lambda: src.calls == 2, what="the second attempt")
+        await eventually_async(lambda: ref.retry_after("default") != 1)
+        assert ref.retry_after("default") == 2  # the second backoff step, 2 s
+    finally:
+        await ref.stop()
+
+
 async def test_rotation_swaps_the_whole_snapshot(registry: CollectorRegistry) -> None:
     src = ScriptedSource()
     src.answer = material("secret-one", 1, "p1")
@@ -132,20 +196,18 @@ def test_backoff_grows_from_one_second_to_the_cap() -> None:
 
 async def test_loop_retries_soon_after_errors_and_recovers(registry: CollectorRegistry) -> None:
     src = ScriptedSource()
-    ref, store = refresher(registry, src, interval=60.0, backoff_max=1.0)
+    ref, store = refresher(registry, src, interval=60.0, backoff_max=2.0)
     ref.start()
     try:
-        await asyncio.sleep(0.2)
-        assert src.calls == 1
+        await eventually_async(lambda: src.calls == 1, what="the first, failing read")
         src.answer = material("one", 1)
-        for _ in range(40):  # the backoff (<= 1 s) brings the next attempt
-            if store.current("default") is not None:
-                break
-            await asyncio.sleep(0.05)
-        assert store.current("default") is not None
+        # the backoff (<= 1 s) brings the next attempt
+        await eventually_async(lambda: store.current("default") is not None, within=5)
         calls = src.calls
-        await asyncio.sleep(0.3)
-        assert src.calls == calls  # healthy: next read only after the 60 s interval
+        # healthy: the next read is due after the 60 s interval (capped at BACKOFF_MAX for
+        # Retry-After), no longer on the backoff's 1 s step
+        await eventually_async(lambda: ref.retry_after("default") == 2)
+        assert src.calls == calls
         ref.refresh_now()  # SIGHUP
         await eventually_async(lambda: src.calls == calls + 1, what="the SIGHUP read")
     finally:
@@ -245,7 +307,7 @@ async def test_retry_after_from_the_source_stretches_the_backoff(
     ref, _store = refresher(registry, src, interval=60.0, backoff_max=10.0)
     ref.start()
     try:
-        await asyncio.sleep(0.2)
+        await eventually_async(lambda: ref.retry_after("default") > 1, what="the first read")
         assert src.calls == 1
         assert ref.retry_after("default") >= 4
     finally:

@@ -22,11 +22,14 @@ from tests.support import (
     TEST_PRODUCT_ID,
     TEST_SECRET,
     base_env,
+    eventually,
     free_port,
+    join_output,
     metric_value,
     post_token,
     request_token,
     scrape,
+    scrape_value,
     signed_with,
     spawn,
     start_sidecar,
@@ -77,15 +80,34 @@ def test_metrics_move_and_pass_promtool(tmp_path: Path) -> None:
         assert metric_value(text, 'reditus_sidecar_secret_version{product="default"}') == 1
         assert metric_value(text, "reditus_sidecar_ready") == 1
         assert 'reditus_sidecar_build_info{version="' in text
+        # real samples, not just the HELP line: set when the secret was loaded
+        for series in (
+            'reditus_sidecar_secret_last_refresh_success_timestamp_seconds{product="default"}',
+            'reditus_sidecar_secret_loaded_timestamp_seconds{product="default"}',
+        ):
+            assert abs(metric_value(text, series) - time.time()) < 60, series
+        assert (
+            metric_value(
+                text, 'reditus_sidecar_secret_refresh_total{product="default",result="changed"}'
+            )
+            == 1
+        )
         for name in (
-            "reditus_sidecar_secret_last_refresh_success_timestamp_seconds",
-            "reditus_sidecar_secret_refresh_total",
             "reditus_sidecar_vault_login_total",
             "reditus_sidecar_vault_token_expiry_timestamp_seconds",
         ):
             assert name in text
         assert TEST_SECRET not in text
         assert "_created" not in text
+
+
+def test_token_ttl_adds_exp_to_served_tokens(tmp_path: Path) -> None:
+    with start_sidecar(tmp_path, REDITUS_SIDECAR_TOKEN_TTL="600") as sidecar:
+        status, body = post_token(sidecar.api_url, {"userId": "u-ttl"})
+        assert status == 200
+        claims = jwt.decode(str(body["token"]), TEST_SECRET, algorithms=["HS512"])
+        assert list(claims) == ["ProductId", "UserId", "iat", "exp"]
+        assert claims["exp"] == claims["iat"] + 600 == body["issuedAt"] + 600
 
 
 def test_probes(tmp_path: Path) -> None:
@@ -224,7 +246,9 @@ def test_unix_socket_serves_with_mode_0660(tmp_path: Path) -> None:
 def test_sigterm_finishes_in_flight_requests(tmp_path: Path) -> None:
     """Requests whose bodies are still arriving when SIGTERM lands all get their token."""
 
-    async def run(sidecar_api: str, proc: subprocess.Popen[str]) -> list[int]:
+    async def run(
+        sidecar_api: str, metrics_url: str, proc: subprocess.Popen[str], lines: list[str]
+    ) -> list[int]:
         host, port = sidecar_api.removeprefix("http://").split(":")
         body = b'{"userId": "u-in-flight"}'
         head = (
@@ -235,9 +259,16 @@ def test_sigterm_finishes_in_flight_requests(tmp_path: Path) -> None:
         for _reader, writer in streams:
             writer.write(head + body[:5])  # the request is accepted, its body half sent
             await writer.drain()
-        await asyncio.sleep(0.3)
+        in_flight = "reditus_sidecar_requests_in_flight"
+        await asyncio.to_thread(
+            eventually, lambda: scrape_value(metrics_url, in_flight) == 10, what="10 in flight"
+        )
         proc.send_signal(signal.SIGTERM)
-        await asyncio.sleep(0.3)
+        await asyncio.to_thread(
+            eventually,
+            lambda: any("finishing in-flight requests" in line for line in lines),
+            what="the drain",
+        )
         statuses = []
         for reader, writer in streams:
             writer.write(body[5:])
@@ -248,7 +279,9 @@ def test_sigterm_finishes_in_flight_requests(tmp_path: Path) -> None:
         return statuses
 
     with start_sidecar(tmp_path) as sidecar:
-        statuses = asyncio.run(run(sidecar.api_url, sidecar.proc))
+        statuses = asyncio.run(
+            run(sidecar.api_url, sidecar.metrics_url, sidecar.proc, sidecar.lines)
+        )
         assert statuses == [200] * 10
         assert sidecar.proc.wait(15) == 0
         # the listener is closed: new connections are refused
@@ -295,6 +328,7 @@ def test_port_in_use_is_a_clear_failure(tmp_path: Path) -> None:
     try:
         proc, lines = spawn(["serve"], env)
         assert proc.wait(20) == 1
+        join_output(proc)
     finally:
         busy.close()
     assert any("cannot listen" in line for line in lines)
@@ -307,17 +341,21 @@ def test_sign_and_check_commands(tmp_path: Path) -> None:
     env = base_env(REDITUS_SIDECAR_SECRET_SOURCE="file", REDITUS_SIDECAR_SECRET_FILE=str(secret))
     proc, lines = spawn(["sign", "--user-id", "u-cli"], env)
     assert proc.wait(20) == 0
+    join_output(proc)
     token = next(line for line in lines if line.count(".") == 2)
     assert jwt.decode(token, TEST_SECRET, algorithms=["HS512"])["UserId"] == "u-cli"
     proc, lines = spawn(["check"], env)
     assert proc.wait(20) == 0
+    join_output(proc)
     assert any("product default: ok" in line and TEST_PRODUCT_ID in line for line in lines)
     secret.write_text("{}")
     proc, lines = spawn(["check"], env)
     assert proc.wait(20) == 1
+    join_output(proc)
     assert any("FAILED" in line and "missing field(s)" in line for line in lines)
     proc, lines = spawn(["sign", "--user-id", "bad\u0007"], env)
     assert proc.wait(20) == 2
+    join_output(proc)
     assert any("control character" in line for line in lines)
 
 
@@ -361,3 +399,31 @@ def test_two_products_from_a_config_file(tmp_path: Path) -> None:
         text = scrape(sidecar.metrics_url)
     assert metric_value(text, 'reditus_sidecar_tokens_issued_total{product="shop-eu"}') == 1
     assert metric_value(text, 'reditus_sidecar_tokens_issued_total{product="default"}') == 1
+
+
+def test_sighup_rereads_every_product(tmp_path: Path) -> None:
+    files = {"default": tmp_path / "default.json", "shop-eu": tmp_path / "shop.json"}
+    config = tmp_path / "sidecar.toml"
+    config.write_text(
+        'secret_source = "file"\n'
+        + "".join(f'[products.{name}]\nsecret_file = "{path}"\n' for name, path in files.items())
+    )
+    for name, path in files.items():
+        write_secret(path, f"prod-{name}", TEST_SECRET + name)
+    with start_sidecar(
+        tmp_path,
+        write=False,
+        REDITUS_SIDECAR_CONFIG=str(config),
+        REDITUS_SIDECAR_REFRESH_INTERVAL="3600",
+    ) as sidecar:
+
+        def unchanged(product: str) -> float:
+            series = (
+                f'reditus_sidecar_secret_refresh_total{{product="{product}",result="unchanged"}}'
+            )
+            return metric_value(scrape(sidecar.metrics_url), series)
+
+        before = {name: unchanged(name) for name in files}
+        sidecar.proc.send_signal(signal.SIGHUP)
+        for name in files:
+            eventually(lambda name=name: unchanged(name) > before[name], what=f"{name} re-read")

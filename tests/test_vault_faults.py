@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+import threading
 import time
 from collections.abc import Iterator
 
@@ -26,7 +27,14 @@ from tests.openbao import (
     vault_sidecar,
     write_file,
 )
-from tests.support import post_token, request_token, scrape_value, signed_with, wait_http
+from tests.support import (
+    eventually_async,
+    post_token,
+    request_token,
+    scrape_value,
+    signed_with,
+    wait_http,
+)
 
 SECRET_A = "first-secret-" + "a" * 64
 SECRET_B = "second-secret-" + "b" * 64
@@ -62,6 +70,11 @@ async def test_unreachable_vault(openbao) -> None:
         await session.close()
 
 
+def vault_call_running() -> bool:
+    """A Vault call's worker thread is alive (the call is in flight)."""
+    return any(t.name == "vault-call" and t.is_alive() for t in threading.enumerate())
+
+
 async def test_hung_vault_times_out_and_close_is_prompt(own_bao) -> None:
     seed(own_bao)
     bao = Bao(own_bao)
@@ -75,11 +88,13 @@ async def test_hung_vault_times_out_and_close_is_prompt(own_bao) -> None:
         assert "did not answer within 1s" in str(caught.value)
         own_bao.resume()
         assert (await asyncio.wait_for(source.fetch(), 10)).version == 1
-        # A call in flight to a hung Vault must not hold up close().
+        # A call in flight to a hung Vault must not hold up close(): close() returns while
+        # that call is still waiting (it would time out after 1 s).
         own_bao.pause()
         in_flight = asyncio.ensure_future(source.fetch())
-        await asyncio.sleep(0.2)
-        await asyncio.wait_for(session.close(), 0.5)
+        await eventually_async(vault_call_running, what="the read in flight")
+        await asyncio.wait_for(session.close(), 30)
+        assert not in_flight.done()
         in_flight.cancel()
         with contextlib.suppress(asyncio.CancelledError, VaultUnreachable):
             await in_flight
@@ -103,8 +118,9 @@ async def test_close_is_prompt_while_the_first_login_hangs(own_bao) -> None:
         )
         session = VaultSession(settings.vault)
         await session.start()  # returns at once although Vault cannot answer
-        await asyncio.sleep(0.3)
-        await asyncio.wait_for(session.close(), 0.5)
+        await eventually_async(vault_call_running, what="the login in flight")
+        await asyncio.wait_for(session.close(), 30)
+        assert vault_call_running()  # closed without waiting out the 5 s login timeout
     finally:
         own_bao.resume()
 
