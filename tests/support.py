@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import aiohttp
 import jwt
 
 TEST_SECRET = "test-product-secret-0123456789abcdef0123456789abcdef0123456789abcdef0123"
@@ -254,6 +255,24 @@ def post_token(
     """`request_token` without the response headers: (status, JSON body)."""
     status, _, answer = request_token(api_url, body, headers=headers)
     return status, answer
+
+
+def sign_on_socket(path: Path, body: object | None = None) -> tuple[int, dict[str, object]]:
+    """One signing request over the unix socket: (status, JSON body)."""
+
+    async def call() -> tuple[int, dict[str, object]]:
+        connector = aiohttp.UnixConnector(path=str(path))
+        async with (
+            aiohttp.ClientSession(connector=connector) as session,
+            session.post(
+                "http://sidecar/v1/token",
+                json=body or {"userId": "u"},
+                headers={"Content-Type": "application/json", "X-Sidecar-Request": "true"},
+            ) as response,
+        ):
+            return response.status, await response.json()
+
+    return asyncio.run(call())
 
 
 def signed_with(token: str, secret: str) -> bool:

@@ -129,22 +129,6 @@ FORM_POST = """(base) => new Promise((resolve) => {
   form.submit();
 })"""
 
-# A DNS-rebinding page: its origin is attacker.test:SIDECAR_PORT, and attacker.test now
-# resolves to 127.0.0.1, so to the browser a fetch to the sidecar is same-origin and the
-# page could read the answer. Same-origin needs no preflight: the header goes along.
-REBIND_FETCH = """async () => {
-  try {
-    const r = await fetch("/v1/token", {
-      method: "POST",
-      headers: {"Content-Type": "application/json", "X-Sidecar-Request": "true"},
-      body: JSON.stringify({userId: "victim"}),
-    });
-    return {outcome: "response", status: r.status, type: r.type, text: await r.text()};
-  } catch (e) {
-    return {outcome: "error", text: String(e)};
-  }
-}"""
-
 
 class _PageHandler(http.server.BaseHTTPRequestHandler):
     def do_GET(self) -> None:
@@ -376,8 +360,10 @@ def test_a_page_of_another_origin_gets_no_token(tmp_path: Path) -> None:
         page.route(rebind_url, lambda route: route.fulfill(body=PAGE, content_type="text/html"))
         page.goto(rebind_url)
         received.clear()  # the page itself, fulfilled above
+        # To the browser the sidecar is now the page's own origin: a relative fetch is
+        # same-origin, needs no preflight, and the custom header goes along.
         attempts.append(
-            attempt(sidecar, page, received, f"rebinding fetch -> {ATTACKER}", REBIND_FETCH, None)
+            attempt(sidecar, page, received, f"rebinding fetch -> {ATTACKER}", CORS_FETCH, "")
         )
 
         issued_after, _ = _errors(sidecar)

@@ -3,15 +3,12 @@ that is not a file, SIGHUP storms and the shutdown delay."""
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
 import socket
 import stat
 import time
 from pathlib import Path
-
-import aiohttp
 
 from sidecar.server import bind_unix_socket, remove_own_socket
 
@@ -21,25 +18,11 @@ from .support import (
     post_token,
     scrape,
     scrape_value,
+    sign_on_socket,
     start_sidecar,
     wait_http,
     write_secret,
 )
-
-HEADERS = {"Content-Type": "application/json", "X-Sidecar-Request": "true"}
-
-
-def sign_on_socket(path: Path) -> int:
-    async def call() -> int:
-        connector = aiohttp.UnixConnector(path=str(path))
-        async with (
-            aiohttp.ClientSession(connector=connector) as session,
-            session.post("http://sidecar/v1/token", json={"userId": "u"}, headers=HEADERS) as r,
-        ):
-            return r.status
-
-    return asyncio.run(call())
-
 
 # --- the unix socket ---------------------------------------------------------------------
 
@@ -70,7 +53,7 @@ def test_a_second_sidecar_on_a_live_socket_refuses_and_leaves_it_alone(tmp_path:
             assert second.wait(20) == 1
             assert f"{path}: another process is serving on this socket" in second.output()
         assert path.exists()
-        assert sign_on_socket(path) == 200  # the first one still answers on its socket
+        assert sign_on_socket(path)[0] == 200  # the first one still answers on its socket
         assert first.stop() == 0
     assert not path.exists()
 

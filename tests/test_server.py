@@ -30,6 +30,7 @@ from tests.support import (
     request_token,
     scrape,
     scrape_value,
+    sign_on_socket,
     signed_with,
     spawn,
     start_sidecar,
@@ -228,15 +229,7 @@ def test_unix_socket_serves_with_mode_0660(tmp_path: Path) -> None:
     with start_sidecar(tmp_path, REDITUS_SIDECAR_UNIX_SOCKET=str(sock)) as sidecar:
         assert stat.S_IMODE(os.stat(sock).st_mode) == 0o660
 
-        async def call() -> tuple[int, dict[str, object]]:
-            connector = aiohttp.UnixConnector(path=str(sock))
-            async with (
-                aiohttp.ClientSession(connector=connector) as session,
-                session.post("http://sidecar/v1/token", json={"userId": "u"}, headers=HEADERS) as r,
-            ):
-                return r.status, await r.json()
-
-        status, body = asyncio.run(call())
+        status, body = sign_on_socket(sock)
         assert status == 200
         jwt.decode(str(body["token"]), TEST_SECRET, algorithms=["HS512"])
         assert sidecar.stop() == 0
