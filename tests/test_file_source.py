@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -104,3 +107,56 @@ async def test_deleted_file_is_unavailable_then_recovers(tmp_path: Path) -> None
     write_secret(path, "p", "two")
     assert await src.changed()
     assert (await src.fetch()).secret.reveal() == "two"
+
+
+class HungSource(FileSource):
+    """A file whose read never returns, as on an unresponsive network mount (the one
+    thing here that cannot be made real: a hung NFS server)."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(
+            path, product_id_key="product_id", secret_key="product_secret", timeout=0.2
+        )
+        self.release = threading.Event()
+
+    def _read(self) -> tuple[tuple[int, int, int, int], bytes]:
+        self.release.wait(30)
+        return super()._read()
+
+
+async def test_a_hung_read_times_out_and_does_not_pile_up_threads(tmp_path: Path) -> None:
+    path = tmp_path / "s.json"
+    write_secret(path, "p", "one")
+    src = HungSource(path)
+    try:
+        with pytest.raises(SecretUnavailable, match=r"no answer within 0\.2 s"):
+            await src.fetch()
+        # the first read is still stuck in its thread: the next attempt fails at once
+        with pytest.raises(SecretUnavailable, match="an earlier read is still hung"):
+            await src.fetch()
+        assert not await src.changed()
+        hung = [t for t in threading.enumerate() if t.name == "secret-file"]
+        assert len(hung) == 1
+    finally:
+        src.release.set()
+    for thread in hung:
+        thread.join(10)
+    # the mount answers again: once the late result has reached the loop, reads work
+    for _ in range(100):
+        with contextlib.suppress(SecretUnavailable):
+            assert (await src.fetch()).secret.reveal() == "one"
+            break
+        await asyncio.sleep(0.01)
+    else:
+        raise AssertionError("reads did not recover after the hung one returned")
+
+
+async def test_a_fifo_is_refused_without_blocking(tmp_path: Path) -> None:
+    fifo = tmp_path / "s.json"
+    os.mkfifo(fifo)
+    with pytest.raises(SecretUnavailable, match="is a FIFO, not a regular file"):
+        await source(fifo).fetch()
+    directory = tmp_path / "d.json"
+    directory.mkdir()
+    with pytest.raises(SecretUnavailable, match="is a directory, not a regular file"):
+        await source(directory).fetch()

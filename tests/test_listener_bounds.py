@@ -245,3 +245,28 @@ def test_1100_idle_ops_connections_under_a_1024_file_limit(tmp_path: Path) -> No
             counter(sidecar, "http_connections_evicted", "ops") >= 1100 - OPS_LIMITS.max_connections
         )
         healthy_and_signing(sidecar)
+
+
+def test_ops_connections_that_stall_or_idle_are_closed_by_the_server(
+    sidecar: SidecarProcess,
+) -> None:
+    """A head never finished and a keep-alive connection left idle are both closed by the
+    sidecar (5 s on the ops port; aiohttp's default would keep them for an hour)."""
+
+    async def run() -> tuple[bytes, bytes]:
+        host, port = host_port(sidecar.metrics_url)
+        stalled_reader, stalled = await asyncio.open_connection(host, port)
+        stalled.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")  # no final CRLF
+        idle_reader, idle = await asyncio.open_connection(host, port)
+        idle.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        await asyncio.wait_for(idle_reader.readuntil(b'{"status": "ok"}'), 10)
+        # read until the server closes; 60 s only bounds a failure, it is not a speed test
+        stalled_rest = await asyncio.wait_for(stalled_reader.read(), 60)
+        idle_rest = await asyncio.wait_for(idle_reader.read(), 60)
+        stalled.close()
+        idle.close()
+        return stalled_rest, idle_rest
+
+    stalled_rest, idle_rest = asyncio.run(run())
+    assert stalled_rest == b""  # closed without an answer: no request was ever made
+    assert idle_rest == b""
