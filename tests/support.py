@@ -60,11 +60,7 @@ def write_secret(path: Path, product_id: str = TEST_PRODUCT_ID, secret: str = TE
 
 def base_env(**overrides: str) -> dict[str, str]:
     """The process environment minus anything Vault- or sidecar-related, plus overrides."""
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("REDITUS_SIDECAR_", "VAULT_", "BAO_"))
-    }
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("REDITUS_", "VAULT_", "BAO_"))}
     env["PYTHONUNBUFFERED"] = "1"
     env.update(overrides)
     return env

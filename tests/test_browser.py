@@ -14,24 +14,19 @@ from __future__ import annotations
 
 import contextlib
 import http.server
-import os
-import shutil
-import signal
 import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-import pytest
-from playwright.sync_api import Browser, Page, Request, Response, sync_playwright
 from playwright.sync_api import Error as PlaywrightError
+from playwright.sync_api import Page, Request, Response
 
+from tests.browser import chromium
 from tests.support import SidecarProcess, eventually, free_port, scrape, start_sidecar
 
-CHROMIUM = "/usr/bin/chromium"
 ATTACKER = "attacker.test"
 ISSUED = 'reditus_sidecar_tokens_issued_total{product="default"}'
 ERRORS = "reditus_sidecar_token_errors_total"
@@ -41,26 +36,12 @@ ERRORS = "reditus_sidecar_token_errors_total"
 GUARD_REASONS = frozenset(
     {"method_not_allowed", "missing_request_header", "browser_origin", "host_not_allowed"}
 )
-# Chromium kept off every network but loopback: no proxy, no background traffic, no name
-# resolves but loopback and attacker.test, a name of this test's own that makes the
-# page's origin plainly foreign to the sidecar's.
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-dev-shm-usage",
-    "--no-proxy-server",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-    # The browser's own Local Network Access block would stop the rebinding page (its
-    # document has no address, so Chromium counts it public) before the sidecar sees it.
-    # Lifted: other browsers, older ones, or a user's "allow" click do not have it, and
-    # what is under test is the sidecar's guard. The other pages are loopback anyway.
-    "--disable-features=LocalNetworkAccessChecks",
-    f"--host-resolver-rules=MAP {ATTACKER} 127.0.0.1, MAP * ~NOTFOUND,"
-    " EXCLUDE localhost, EXCLUDE 127.0.0.1",
-]
+# attacker.test resolves to loopback: a name of this test's own that makes the page's
+# origin plainly foreign to the sidecar's. The browser's own Local Network Access block
+# would stop the rebinding page (its document has no address, so Chromium counts it
+# public) before the sidecar sees it; lifted: other browsers, older ones, or a user's
+# "allow" click do not have it, and what is under test is the sidecar's guard.
+EXTRA_ARGS = ["--disable-features=LocalNetworkAccessChecks"]
 
 PAGE = b"""<!doctype html>
 <html><head><meta charset="utf-8"><title>attacker</title></head>
@@ -156,105 +137,6 @@ def attacker_site() -> Iterator[int]:
         thread.join(5)
 
 
-def _alive(pid: int) -> bool:
-    """Whether a process exists and is not a zombie (a zombie has exited already)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-    except OSError:
-        return ""
-
-
-def _parent(pid: int) -> int:
-    try:
-        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-    except (OSError, ValueError, IndexError):
-        return 0
-
-
-def chromium_pids(marker: str) -> set[int]:
-    """Chromium processes of this test: those descending from this process (the browser
-    and its children, under Playwright's driver) and those naming `marker`, the test's own
-    HOME (crashpad handlers detach to PID 1 but keep --database=HOME/...)."""
-    mine = os.getpid()
-    found: set[int] = set()
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        pid = int(entry.name)
-        cmd = _cmdline(pid)
-        if marker in cmd:
-            found.add(pid)
-            continue
-        if "chromium" not in cmd and "crashpad" not in cmd:
-            continue
-        ancestor, hops = _parent(pid), 0
-        while ancestor > 1 and hops < 64:
-            if ancestor == mine:
-                found.add(pid)
-                break
-            ancestor, hops = _parent(ancestor), hops + 1
-    return {pid for pid in found if _alive(pid)}
-
-
-def stop_leftovers(pids: set[int], marker: str) -> None:
-    """Whatever of ours outlived browser.close(): a grace period, then SIGTERM, then
-    SIGKILL, each by PID and each followed by up to 5 s of waiting for the exits."""
-    for sig in (None, signal.SIGTERM, signal.SIGKILL):
-        left = {pid for pid in pids | chromium_pids(marker) if _alive(pid)}
-        if not left:
-            return
-        for pid in left:
-            cmd = _cmdline(pid)
-            if sig is not None and (marker in cmd or "chromium" in cmd):  # not a reused PID
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, sig)
-        deadline = time.monotonic() + 5
-        while any(_alive(pid) for pid in left) and time.monotonic() < deadline:
-            time.sleep(0.05)
-    assert not chromium_pids(marker), "chromium processes outlived the test"
-
-
-@contextlib.contextmanager
-def chromium(home: Path) -> Iterator[Browser]:
-    """Headless Debian chromium through Playwright, HOME (crash database, config) under
-    the test's tmp dir; every process it started is gone afterwards."""
-    if shutil.which(CHROMIUM) is None:
-        pytest.fail(
-            f"{CHROMIUM} is missing: scripts/setup installs the Debian package `chromium`",
-            pytrace=False,
-        )
-    home.mkdir()
-    env: dict[str, str | float | bool] = {
-        **os.environ,
-        "HOME": str(home),
-        "XDG_CONFIG_HOME": str(home / ".config"),
-        "XDG_CACHE_HOME": str(home / ".cache"),
-    }
-    marker = str(home)
-    pids: set[int] = set()
-    try:
-        with sync_playwright() as playwright:
-            browser = playwright.chromium.launch(
-                executable_path=CHROMIUM, args=CHROMIUM_ARGS, env=env, headless=True
-            )
-            pids = chromium_pids(marker)
-            try:
-                yield browser
-            finally:
-                pids |= chromium_pids(marker)
-                browser.close()
-    finally:
-        stop_leftovers(pids, marker)
-
-
 @dataclass
 class Attempt:
     name: str
@@ -324,7 +206,7 @@ def test_a_page_of_another_origin_gets_no_token(tmp_path: Path) -> None:
     with (
         start_sidecar(tmp_path) as sidecar,
         attacker_site() as page_port,
-        chromium(tmp_path / "chromium-home") as browser,
+        chromium(tmp_path / "chromium-home", hosts=[ATTACKER], extra_args=EXTRA_ARGS) as browser,
     ):
         port = urlsplit(sidecar.api_url).port
         targets = {"127.0.0.1": f"http://127.0.0.1:{port}", "localhost": f"http://localhost:{port}"}

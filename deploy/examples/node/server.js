@@ -17,12 +17,24 @@
 //
 //   REDITUS_SIDECAR_URL=http://127.0.0.1:8787 PORT=3000 node server.js
 //   curl -H 'X-Example-User: u-123' localhost:3000/api/reditus-token
+//
+// And the page (public/): open http://localhost:3000/example-login?id=u-123&email=a@b.c
+// It loads Reditus' script, gets the token from /api/reditus-token (this app, same origin)
+// and calls gr("loadReferralWidget", {product_id, auth_token, user_details}).
 
 import express from "express";
+import { fileURLToPath } from "node:url";
 
 const SIDECAR_URL = process.env.REDITUS_SIDECAR_URL ?? "http://127.0.0.1:8787";
 const HOST = process.env.HOST ?? "127.0.0.1";
 const PORT = Number(process.env.PORT ?? 3000);
+// Reditus' script (the Pageview Tracking Script, which also loads the referral widget).
+const REDITUS_SCRIPT_URL = process.env.REDITUS_SCRIPT_URL ?? "https://script.getreditus.com/v2.js";
+// Optional: your Reditus customer id, for the snippet's gr("initCustomer") and pageview.
+const REDITUS_CUSTOMER_ID = process.env.REDITUS_CUSTOMER_ID ?? "";
+const PUBLIC_DIR = fileURLToPath(new URL("./public/", import.meta.url));
+const SESSION_COOKIE = "example_user";
+const USER_FIELDS = ["id", "email", "first_name", "last_name", "company_id", "company_name"];
 
 /** Asks the sidecar for a token for one user. Throws SidecarError on any failure. */
 export async function fetchReditusToken(userId, { product } = {}) {
@@ -59,24 +71,81 @@ export class SidecarError extends Error {
   }
 }
 
-// Stand-in for your session middleware: in your app req.user comes from your login.
-function requireUser(req, res, next) {
+// --- Stand-in for your session: NOT a login. --------------------------------------------
+// Anyone can claim any user here (the X-Example-User header, or the cookie that
+// /example-login sets from its query string). In your app req.user comes from your login
+// and these two functions and the /example-login route go away.
+function exampleUser(req) {
   const id = req.get("X-Example-User");
-  if (!id) {
+  if (id) return { id };
+  const cookie = (req.get("Cookie") ?? "")
+    .split(";")
+    .map((part) => part.trim())
+    .find((part) => part.startsWith(`${SESSION_COOKIE}=`));
+  if (!cookie) return null;
+  try {
+    const saved = JSON.parse(decodeURIComponent(cookie.slice(SESSION_COOKIE.length + 1)));
+    const user = Object.fromEntries(
+      USER_FIELDS.filter((key) => typeof saved?.[key] === "string").map((key) => [key, saved[key]]),
+    );
+    return user.id ? user : null;
+  } catch {
+    return null;
+  }
+}
+
+function requireUser(req, res, next) {
+  const user = exampleUser(req);
+  if (!user) {
     res.status(401).json({ error: "not signed in" });
     return;
   }
-  req.user = { id };
+  req.user = user;
   next();
 }
+// ------------------------------------------------------------------------------------------
 
 export const app = express();
+
+// The stand-in login: /example-login?id=u-123&email=...&first_name=...&last_name=...
+app.get("/example-login", (req, res) => {
+  const user = {};
+  for (const key of USER_FIELDS) {
+    if (typeof req.query[key] === "string" && req.query[key]) user[key] = req.query[key];
+  }
+  if (!user.id) {
+    res.status(400).type("text").send("example-login needs ?id=USER_ID (email, first_name...)\n");
+    return;
+  }
+  res.cookie(SESSION_COOKIE, encodeURIComponent(JSON.stringify(user)), {
+    httpOnly: true,
+    sameSite: "lax",
+    path: "/",
+    encode: String, // already encoded
+  });
+  res.redirect(303, "/");
+});
+
+// Reditus' script URL for the page (a tiny script, so the page itself stays static).
+app.get("/reditus-config.js", (req, res) => {
+  const config = { scriptUrl: REDITUS_SCRIPT_URL, customerId: REDITUS_CUSTOMER_ID };
+  res
+    .type("text/javascript")
+    .set("Cache-Control", "no-store")
+    .send(`window.REDITUS_CONFIG = ${JSON.stringify(config)};\n`);
+});
+
+// What the page needs about the signed-in user for the widget's user_details.
+app.get("/api/me", requireUser, (req, res) => {
+  res.set("Cache-Control", "no-store").json(req.user);
+});
 
 app.get("/api/reditus-token", requireUser, async (req, res) => {
   try {
     // Reditus types the user id as a string: send it as one.
-    const { token } = await fetchReditusToken(String(req.user.id));
-    res.set("Cache-Control", "no-store").json({ token });
+    const { token, productId } = await fetchReditusToken(String(req.user.id));
+    // The product id goes along: the page passes it to gr("loadReferralWidget").
+    res.set("Cache-Control", "no-store").json({ token, productId });
   } catch (err) {
     if (!(err instanceof SidecarError)) throw err;
     console.error(err.message);
@@ -89,6 +158,9 @@ app.get("/api/reditus-token", requireUser, async (req, res) => {
     }
   }
 });
+
+// The referral page: public/index.html and public/referral.js.
+app.use(express.static(PUBLIC_DIR));
 
 if (process.argv[1] && import.meta.url === new URL(`file://${process.argv[1]}`).href) {
   app.listen(PORT, HOST, () => {

@@ -6,6 +6,10 @@ loopback (or its unix socket) and hands the token to the widget.
     REDITUS_SIDECAR_URL=http://127.0.0.1:8787 PORT=3000 python app.py
     curl -H 'X-Example-User: u-123' localhost:3000/api/reditus-token
 
+And the page (public/): open http://localhost:3000/example-login?id=u-123&email=a@b.c
+It loads Reditus' script, gets the token from /api/reditus-token (this app, same origin)
+and calls gr("loadReferralWidget", {product_id, auth_token, user_details}).
+
 `fetch_token_sync` is the same call with the standard library only, for sync frameworks
 (Flask, Django).
 """
@@ -15,7 +19,9 @@ from __future__ import annotations
 import json
 import os
 import urllib.error
+import urllib.parse
 import urllib.request
+from pathlib import Path
 
 import aiohttp
 from aiohttp import web
@@ -26,6 +32,13 @@ SIDECAR_SOCKET = os.environ.get("REDITUS_SIDECAR_UNIX_SOCKET")
 HEADERS = {"Content-Type": "application/json", "X-Sidecar-Request": "true"}
 TIMEOUT = 2.0
 SESSION = web.AppKey("session", aiohttp.ClientSession)
+# Reditus' script (the Pageview Tracking Script, which also loads the referral widget).
+REDITUS_SCRIPT_URL = os.environ.get("REDITUS_SCRIPT_URL", "https://script.getreditus.com/v2.js")
+# Optional: your Reditus customer id, for the snippet's gr("initCustomer") and pageview.
+REDITUS_CUSTOMER_ID = os.environ.get("REDITUS_CUSTOMER_ID", "")
+PUBLIC_DIR = Path(__file__).resolve().parent / "public"
+SESSION_COOKIE = "example_user"
+USER_FIELDS = ("id", "email", "first_name", "last_name", "company_id", "company_name")
 
 
 class SidecarError(Exception):
@@ -36,8 +49,8 @@ class SidecarError(Exception):
         self.status, self.code, self.retry_after = status, code, retry_after
 
 
-async def fetch_token(session: aiohttp.ClientSession, user_id: str) -> str:
-    """Ask the sidecar for one user's token."""
+async def fetch_token(session: aiohttp.ClientSession, user_id: str) -> dict[str, str]:
+    """Ask the sidecar for one user's token: {"token", "productId", "issuedAt"}."""
     url = "http://sidecar/v1/token" if SIDECAR_SOCKET else f"{SIDECAR_URL}/v1/token"
     try:
         async with session.post(url, json={"userId": user_id}, headers=HEADERS) as response:
@@ -45,7 +58,7 @@ async def fetch_token(session: aiohttp.ClientSession, user_id: str) -> str:
             if response.status != 200:
                 code = body.get("error", {}).get("code", "sidecar_error")
                 raise SidecarError(response.status, code, response.headers.get("Retry-After"))
-            return str(body["token"])
+            return {"token": str(body["token"]), "productId": str(body["productId"])}
     except (aiohttp.ClientError, TimeoutError) as exc:
         raise SidecarError(502, "sidecar_unreachable") from exc
 
@@ -68,17 +81,70 @@ def fetch_token_sync(user_id: str, sidecar_url: str = SIDECAR_URL) -> str:
         raise SidecarError(502, "sidecar_unreachable") from exc
 
 
-def current_user_id(request: web.Request) -> str | None:
-    """Stand-in for your session: in your app the user id comes from your login."""
-    return request.headers.get("X-Example-User")
+# --- Stand-in for your session: NOT a login. --------------------------------------------
+# Anyone can claim any user here (the X-Example-User header, or the cookie that
+# /example-login sets from its query string). In your app the user comes from your login
+# and current_user and the /example-login route go away.
+def current_user(request: web.Request) -> dict[str, str] | None:
+    if user_id := request.headers.get("X-Example-User"):
+        return {"id": user_id}
+    try:
+        saved = json.loads(urllib.parse.unquote(request.cookies[SESSION_COOKIE]))
+        user = {key: saved[key] for key in USER_FIELDS if isinstance(saved.get(key), str)}
+    except (KeyError, ValueError, AttributeError):
+        return None
+    return user if user.get("id") else None
+
+
+async def example_login(request: web.Request) -> web.Response:
+    """/example-login?id=u-123&email=...&first_name=...&last_name=..."""
+    user = {key: request.query[key] for key in USER_FIELDS if request.query.get(key)}
+    if "id" not in user:
+        return web.Response(
+            status=400, text="example-login needs ?id=USER_ID (email, first_name...)\n"
+        )
+    response = web.Response(status=303, headers={"Location": "/"})
+    response.set_cookie(
+        SESSION_COOKIE,
+        urllib.parse.quote(json.dumps(user, separators=(",", ":")), safe=""),
+        httponly=True,
+        samesite="Lax",
+        path="/",
+    )
+    return response
+
+
+# ------------------------------------------------------------------------------------------
+
+
+async def reditus_config(request: web.Request) -> web.Response:
+    """Reditus' script URL for the page (a tiny script, so the page itself stays static)."""
+    config = {"scriptUrl": REDITUS_SCRIPT_URL, "customerId": REDITUS_CUSTOMER_ID}
+    return web.Response(
+        text=f"window.REDITUS_CONFIG = {json.dumps(config)};\n",
+        content_type="text/javascript",
+        headers={"Cache-Control": "no-store"},
+    )
+
+
+async def me(request: web.Request) -> web.Response:
+    """What the page needs about the signed-in user for the widget's user_details."""
+    user = current_user(request)
+    if user is None:
+        return web.json_response({"error": "not signed in"}, status=401)
+    return web.json_response(user, headers={"Cache-Control": "no-store"})
+
+
+async def index(request: web.Request) -> web.FileResponse:
+    return web.FileResponse(PUBLIC_DIR / "index.html")
 
 
 async def reditus_token(request: web.Request) -> web.Response:
-    user_id = current_user_id(request)
-    if not user_id:
+    user = current_user(request)
+    if user is None:
         return web.json_response({"error": "not signed in"}, status=401)
     try:
-        token = await fetch_token(request.app[SESSION], user_id)
+        answer = await fetch_token(request.app[SESSION], user["id"])
     except SidecarError as exc:
         print(exc, flush=True)
         if exc.status == 503:
@@ -87,7 +153,8 @@ async def reditus_token(request: web.Request) -> web.Response:
                 {"error": "token temporarily unavailable"}, status=503, headers=headers
             )
         return web.json_response({"error": "token unavailable"}, status=502)
-    return web.json_response({"token": token}, headers={"Cache-Control": "no-store"})
+    # The product id goes along: the page passes it to gr("loadReferralWidget").
+    return web.json_response(answer, headers={"Cache-Control": "no-store"})
 
 
 async def sidecar_session(app: web.Application):  # type: ignore[no-untyped-def]
@@ -103,6 +170,12 @@ def create_app() -> web.Application:
     app = web.Application()
     app.cleanup_ctx.append(sidecar_session)
     app.router.add_get("/api/reditus-token", reditus_token)
+    app.router.add_get("/api/me", me)
+    app.router.add_get("/example-login", example_login)
+    app.router.add_get("/reditus-config.js", reditus_config)
+    # The referral page: public/index.html and public/referral.js.
+    app.router.add_get("/", index)
+    app.router.add_static("/", PUBLIC_DIR)
     return app
 
 
