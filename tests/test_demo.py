@@ -41,7 +41,6 @@ def read_secret(addr: str, root_token: str) -> str:
     return str(response["data"]["data"]["product_secret"])
 
 
-@pytest.mark.slow
 def test_demo_end_to_end() -> None:
     api, metrics = free_port(), free_port()
     proc, lines = spawn(

@@ -288,7 +288,6 @@ async def _fetch_until(source: VaultSource, done, within: float) -> int:
     return count
 
 
-@pytest.mark.slow
 async def test_short_ttl_renews_then_logs_in_again_past_max_ttl(
     openbao, kv_path, tmp_path, vault_metrics, registry, leak_guard
 ) -> None:
@@ -318,7 +317,6 @@ async def test_short_ttl_renews_then_logs_in_again_past_max_ttl(
     assert sample(registry, "reditus_sidecar_vault_token_expiry_timestamp_seconds") == 0
 
 
-@pytest.mark.slow
 async def test_non_renewable_token_is_replaced_before_expiry(
     openbao, kv_path, tmp_path, vault_metrics, registry, leak_guard
 ) -> None:

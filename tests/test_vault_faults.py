@@ -307,7 +307,6 @@ def test_signing_continues_while_vault_is_hung_or_stopped(own_bao) -> None:
     assert own_bao.root_token not in sidecar.output()
 
 
-@pytest.mark.slow
 def test_cold_start_before_vault_exists() -> None:
     server = OpenBaoDevServer(port=free_port_pair(), root_token=unique("root"))
     with vault_sidecar(server.addr, wait=False, VAULT_TOKEN=server.root_token) as sidecar:

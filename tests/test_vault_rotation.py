@@ -39,7 +39,6 @@ def which_secret(token: str) -> str | None:
     return None
 
 
-@pytest.mark.slow
 async def test_rotation_under_concurrent_requests(bao: Bao) -> None:
     results: list[tuple[float, float, int, str | None]] = []
     stop = asyncio.Event()
@@ -78,7 +77,6 @@ async def test_rotation_under_concurrent_requests(bao: Bao) -> None:
     assert set(after) == {"new"}
 
 
-@pytest.mark.slow
 def test_sighup_reads_the_new_version_at_once(bao: Bao) -> None:
     with vault_sidecar(
         bao.addr, VAULT_TOKEN=bao.root_token, REDITUS_SIDECAR_REFRESH_INTERVAL="300"
