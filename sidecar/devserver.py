@@ -173,10 +173,25 @@ class OpenBaoDevServer:
         return self.proc is not None and self.proc.poll() is None
 
     def pause(self) -> None:
-        """SIGSTOP: the listener still accepts connections but nothing answers (hung)."""
+        """SIGSTOP: the listener still accepts connections but nothing answers (hung).
+        Returns once every thread has stopped: until then one could still answer."""
         if self.running():
             assert self.proc is not None
             os.kill(self.proc.pid, signal.SIGSTOP)
+            deadline = time.monotonic() + 5
+            while not self._all_threads_stopped() and time.monotonic() < deadline:
+                time.sleep(0.005)
+
+    def _all_threads_stopped(self) -> bool:
+        assert self.proc is not None
+        try:
+            states = [
+                (task / "stat").read_text().rsplit(")", 1)[1].split()[0]
+                for task in Path(f"/proc/{self.proc.pid}/task").iterdir()
+            ]
+        except OSError:
+            return False
+        return all(state in ("T", "t") for state in states)
 
     def resume(self) -> None:
         if self.running():
