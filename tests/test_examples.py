@@ -3,7 +3,7 @@
 Each example is started as its own process on a free loopback port, asked for a token as
 a signed-in user, and the token must verify with PyJWT under the test secret.
 
-The examples' referral page (public/) is driven in headless Chromium: Reditus' script
+The examples' referral page (deploy/examples/public/) is driven in headless Chromium: Reditus' script
 cannot be loaded here, so the app is configured (REDITUS_SCRIPT_URL) with a stand-in served
 by this test that records the page's gr() calls the way the real script takes them over.
 The recorded auth_token must verify, and the browser must only have talked to the app and
@@ -13,7 +13,6 @@ the script's host, never to the sidecar.
 from __future__ import annotations
 
 import contextlib
-import filecmp
 import http.server
 import importlib.util
 import json
@@ -275,11 +274,7 @@ def origin(url: str) -> str:
     return f"{parts.scheme}://{parts.netloc}"
 
 
-def test_example_pages_are_the_same_and_default_to_reditus_script() -> None:
-    node_page, python_page = EXAMPLES / "node" / "public", EXAMPLES / "python" / "public"
-    names = ["index.html", "referral.js"]
-    _, mismatch, errors = filecmp.cmpfiles(node_page, python_page, names, shallow=False)
-    assert (mismatch, errors) == ([], []), "deploy/examples/*/public/ differ: keep them equal"
+def test_example_pages_default_to_reditus_script() -> None:
     for example in ("node", "python"):
         with run_example(example) as url:
             with urllib.request.urlopen(url + "/reditus-config.js", timeout=10) as response:  # noqa: S310

@@ -413,7 +413,7 @@ def pod(tmp_path: Path) -> Iterator[Pod]:
 def test_pod_as_the_chart_runs_it(built: Built, pod: Pod, tmp_path: Path) -> None:
     podman(
         "build", "--quiet", "--network", "host", "-f", str(EXAMPLE / "Containerfile"),
-        "-t", EXAMPLE_IMAGE, str(EXAMPLE), timeout=600,
+        "-t", EXAMPLE_IMAGE, str(EXAMPLE.parent), timeout=600,
     )  # fmt: skip
     root_token = "root-" + secrets.token_hex(12)
     secret = "pod-secret-" + secrets.token_urlsafe(32)

@@ -18,7 +18,7 @@
 //   REDITUS_SIDECAR_URL=http://127.0.0.1:8787 PORT=3000 node server.js
 //   curl -H 'X-Example-User: u-123' localhost:3000/api/reditus-token
 //
-// And the page (public/): open http://localhost:3000/example-login?id=u-123&email=a@b.c
+// And the page (../public/, shared with the Python example): open http://localhost:3000/example-login?id=u-123&email=a@b.c
 // It loads Reditus' script, gets the token from /api/reditus-token (this app, same origin)
 // and calls gr("loadReferralWidget", {product_id, auth_token, user_details}).
 
@@ -32,7 +32,7 @@ const PORT = Number(process.env.PORT ?? 3000);
 const REDITUS_SCRIPT_URL = process.env.REDITUS_SCRIPT_URL ?? "https://script.getreditus.com/v2.js";
 // Optional: your Reditus customer id, for the snippet's gr("initCustomer") and pageview.
 const REDITUS_CUSTOMER_ID = process.env.REDITUS_CUSTOMER_ID ?? "";
-const PUBLIC_DIR = fileURLToPath(new URL("./public/", import.meta.url));
+const PUBLIC_DIR = fileURLToPath(new URL("../public/", import.meta.url));
 const SESSION_COOKIE = "example_user";
 const USER_FIELDS = ["id", "email", "first_name", "last_name", "company_id", "company_name"];
 
@@ -159,7 +159,7 @@ app.get("/api/reditus-token", requireUser, async (req, res) => {
   }
 });
 
-// The referral page: public/index.html and public/referral.js.
+// The referral page: ../public/index.html and ../public/referral.js.
 app.use(express.static(PUBLIC_DIR));
 
 if (process.argv[1] && import.meta.url === new URL(`file://${process.argv[1]}`).href) {

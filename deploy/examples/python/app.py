@@ -6,7 +6,7 @@ loopback (or its unix socket) and hands the token to the widget.
     REDITUS_SIDECAR_URL=http://127.0.0.1:8787 PORT=3000 python app.py
     curl -H 'X-Example-User: u-123' localhost:3000/api/reditus-token
 
-And the page (public/): open http://localhost:3000/example-login?id=u-123&email=a@b.c
+And the page (../public/, shared with the Express example): open http://localhost:3000/example-login?id=u-123&email=a@b.c
 It loads Reditus' script, gets the token from /api/reditus-token (this app, same origin)
 and calls gr("loadReferralWidget", {product_id, auth_token, user_details}).
 
@@ -36,7 +36,7 @@ SESSION = web.AppKey("session", aiohttp.ClientSession)
 REDITUS_SCRIPT_URL = os.environ.get("REDITUS_SCRIPT_URL", "https://script.getreditus.com/v2.js")
 # Optional: your Reditus customer id, for the snippet's gr("initCustomer") and pageview.
 REDITUS_CUSTOMER_ID = os.environ.get("REDITUS_CUSTOMER_ID", "")
-PUBLIC_DIR = Path(__file__).resolve().parent / "public"
+PUBLIC_DIR = Path(__file__).resolve().parent.parent / "public"  # shared with the Express example
 SESSION_COOKIE = "example_user"
 USER_FIELDS = ("id", "email", "first_name", "last_name", "company_id", "company_name")
 
@@ -173,7 +173,7 @@ def create_app() -> web.Application:
     app.router.add_get("/api/me", me)
     app.router.add_get("/example-login", example_login)
     app.router.add_get("/reditus-config.js", reditus_config)
-    # The referral page: public/index.html and public/referral.js.
+    # The referral page: ../public/index.html and ../public/referral.js.
     app.router.add_get("/", index)
     app.router.add_static("/", PUBLIC_DIR)
     return app
