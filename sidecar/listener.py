@@ -129,6 +129,8 @@ class _BoundedHandler(web.RequestHandler):
 
     @property
     def in_request(self) -> bool:
+        """A request of this connection is in a handler (aiohttp's own flag; it is what
+        its graceful shutdown waits on)."""
         return self._request_in_progress
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -151,14 +153,13 @@ class _BoundedHandler(web.RequestHandler):
         exc: BaseException | None = None,
         message: str | None = None,
     ) -> web.StreamResponse:
-        if status == 500:
-            # A bug in a handler of ours: its traceback holds no request bytes.
+        if status >= 500:
+            # An exception escaped a handler of ours (aiohttp answers 500, or 504 for a
+            # TimeoutError): a bug, whose traceback holds no request bytes.
             log.error(
                 "request handler failed", exc_info=exc, extra={"listener": self._listener.name}
             )
-            code, text = "internal", "internal error; see the sidecar's log"
-        elif status == 504:
-            code, text = "timeout", "the request took too long"
+            status, code, text = 500, "internal", "internal error; see the sidecar's log"
         else:
             self._listener.protocol_errors.record()
             status, code, text = _protocol_error(exc)
@@ -197,10 +198,6 @@ class Listener:
             "max_headers": MAX_HEADERS,
             "access_log": None,
         }
-
-    @property
-    def connections(self) -> int:
-        return len(self._open)
 
     def _protocol(self) -> _BoundedHandler:
         return _BoundedHandler(self, **self._handler_args)

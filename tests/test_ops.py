@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 from typing import Any
 
+from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter
 
+from sidecar.listener import OPS_LIMITS, Listener
+from sidecar.metrics import Metrics
 from sidecar.ops import MetricsCache, create_ops_app
 from sidecar.state import SecretStore
 
@@ -47,3 +52,34 @@ async def test_metrics_endpoint_serves_the_exposition(aiohttp_client: Any) -> No
     assert response.status == 200
     assert response.headers["Content-Type"].startswith("text/plain; version=")
     assert "hits_total 1.0" in await response.text()
+
+
+async def test_a_handler_bug_is_a_json_500_and_logged_without_the_request(
+    caplog: Any,
+) -> None:
+    """What aiohttp would answer in text, with the traceback quoting nothing of the caller's."""
+
+    async def broken(_request: web.Request) -> web.Response:
+        raise RuntimeError("bug")
+
+    app = web.Application()
+    app.router.add_get("/broken", broken)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    listener = Listener("ops", runner, OPS_LIMITS, Metrics(CollectorRegistry(), [], "test"))
+    await listener.start_tcp("127.0.0.1", 0)
+    host, port = listener.address.removeprefix("http://").split(":")
+    try:
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(b"GET /broken?user=u-secret-99 HTTP/1.1\r\nHost: x\r\n\r\n")
+        answer = await asyncio.wait_for(reader.read(), 10)
+        writer.close()
+    finally:
+        await listener.stop_accepting()
+        await runner.cleanup()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.split(b" ", 2)[1] == b"500"
+    assert json.loads(body)["error"]["code"] == "internal"
+    records = [r for r in caplog.records if r.getMessage() == "request handler failed"]
+    assert len(records) == 1
+    assert "u-secret-99" not in caplog.text
