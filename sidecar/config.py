@@ -25,9 +25,10 @@ DEFAULT_PRODUCT = "default"
 SERVICE_ACCOUNT_TOKEN = "/var/run/secrets/kubernetes.io/serviceaccount/token"
 
 SourceKind = Literal["vault", "file"]
-AuthMethod = Literal["token", "approle", "kubernetes", "jwt"]
+AuthMethod = Literal["token", "approle", "kubernetes", "jwt", "cert"]
+RevokeMode = Literal["true", "false", "all"]
 SOURCE_KINDS: tuple[SourceKind, ...] = ("vault", "file")
-AUTH_METHODS: tuple[AuthMethod, ...] = ("token", "approle", "kubernetes", "jwt")
+AUTH_METHODS: tuple[AuthMethod, ...] = ("token", "approle", "kubernetes", "jwt", "cert")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("json", "text")
 MAX_SHUTDOWN_DELAY = 300.0
@@ -57,13 +58,24 @@ GLOBAL_KEYS: dict[str, str | None] = {
     "REQUIRE_HEADER": "true",
     "TOKEN_TTL": "0",
     "SHUTDOWN_DELAY": "0",
+    "REVOKE_ON_SHUTDOWN": "true",
     "LOG_LEVEL": "info",
     "LOG_FORMAT": "json",
     "CONFIG": None,
 }
 # Keys a `[products.NAME]` table may set; unset ones fall back to the top-level values.
 PRODUCT_KEYS = ("kv_mount", "kv_path", "product_id_key", "secret_key", "secret_file")
-VAULT_ENV = ("VAULT_ADDR", "VAULT_TOKEN", "VAULT_CACERT", "VAULT_NAMESPACE", "VAULT_SKIP_VERIFY")
+VAULT_ENV = (
+    "VAULT_ADDR",
+    "VAULT_TOKEN",
+    "VAULT_CACERT",
+    "VAULT_CAPATH",
+    "VAULT_CLIENT_CERT",
+    "VAULT_CLIENT_KEY",
+    "VAULT_TLS_SERVER_NAME",
+    "VAULT_NAMESPACE",
+    "VAULT_SKIP_VERIFY",
+)
 # Kubernetes injects service-link variables (REDITUS_SIDECAR_PORT_9102_TCP, ...) for a
 # Service named reditus-sidecar; they are not ours and must not be reported as typos.
 _SERVICE_LINK = re.compile(r"^(SERVICE_HOST|SERVICE_PORT.*|PORT|PORT_\d+_(TCP|UDP|SCTP).*)$")
@@ -110,6 +122,12 @@ class VaultSettings:
     namespace: str | None
     skip_verify: bool
     timeout: float
+    capath: Path | None = None
+    client_cert: Path | None = None
+    client_key: Path | None = None
+    tls_server_name: str | None = None
+    # "true": revoke tokens we logged in for; "all": also a handed VAULT_TOKEN / token file
+    revoke_on_shutdown: RevokeMode = "true"
 
 
 @dataclass(frozen=True)
@@ -359,17 +377,44 @@ def _vault_settings(values: _Values, env: Mapping[str, str], needed: bool) -> Va
     addr = env.get("VAULT_ADDR", "").strip()
     token = env.get("VAULT_TOKEN", "").strip()
     cacert_raw = env.get("VAULT_CACERT", "").strip()
+    capath_raw = env.get("VAULT_CAPATH", "").strip()
+    cert_raw = env.get("VAULT_CLIENT_CERT", "").strip()
+    key_raw = env.get("VAULT_CLIENT_KEY", "").strip()
+    server_name = env.get("VAULT_TLS_SERVER_NAME", "").strip() or None
     skip_raw = env.get("VAULT_SKIP_VERIFY", "").strip()
+    revoke = _revoke_mode(*values.get("REVOKE_ON_SHUTDOWN"))
 
     secret_id_file = Path(secret_id_raw) if secret_id_raw else None
     token_file = Path(token_file_raw) if token_file_raw else None
     cacert = Path(cacert_raw) if cacert_raw else None
+    capath = Path(capath_raw) if capath_raw else None
+    client_cert = Path(cert_raw) if cert_raw else None
+    client_key = Path(key_raw) if key_raw else None
     if needed:
         if not addr:
             raise ConfigError("VAULT_ADDR: must be set for the vault secret source")
         if not re.match(r"^https?://[^/\s]+", addr):
             raise ConfigError(f"VAULT_ADDR={addr!r}: expected http(s)://HOST[:PORT]")
         cacert = _existing_file(cacert_raw, "VAULT_CACERT")
+        if capath is not None and not capath.is_dir():
+            raise ConfigError(f"VAULT_CAPATH={capath_raw!r}: no such directory")
+        if (client_cert is None) != (client_key is None):
+            given, missing = (
+                ("VAULT_CLIENT_CERT", "VAULT_CLIENT_KEY")
+                if client_cert
+                else ("VAULT_CLIENT_KEY", "VAULT_CLIENT_CERT")
+            )
+            raise ConfigError(
+                f"{given} is set but {missing} is not: a client certificate needs both "
+                "its certificate and its private key"
+            )
+        _existing_file(cert_raw, "VAULT_CLIENT_CERT")
+        _existing_file(key_raw, "VAULT_CLIENT_KEY")
+        if auth == "cert" and client_cert is None:
+            raise ConfigError(
+                f"VAULT_CLIENT_CERT and VAULT_CLIENT_KEY: both must be set for "
+                f"{PREFIX}VAULT_AUTH=cert (the login presents that certificate)"
+            )
         if auth == "token" and not token and token_file is None:
             raise ConfigError(
                 f"VAULT_TOKEN or {PREFIX}VAULT_TOKEN_FILE: one must be set for "
@@ -398,7 +443,22 @@ def _vault_settings(values: _Values, env: Mapping[str, str], needed: bool) -> Va
         namespace=env.get("VAULT_NAMESPACE", "").strip() or None,
         skip_verify=_boolean(skip_raw, "VAULT_SKIP_VERIFY") if skip_raw else False,
         timeout=timeout,
+        capath=capath,
+        client_cert=client_cert,
+        client_key=client_key,
+        tls_server_name=server_name,
+        revoke_on_shutdown=revoke,
     )
+
+
+def _revoke_mode(raw: str | None, where: str) -> RevokeMode:
+    """`true`/`false` (and the usual spellings), or `all` to revoke a handed token too."""
+    if (raw or "").strip().lower() == "all":
+        return "all"
+    try:
+        return "true" if _boolean(raw, where) else "false"
+    except ConfigError:
+        raise ConfigError(f"{where}={raw!r}: expected true, false or all") from None
 
 
 def _products(

@@ -30,7 +30,7 @@ ENDPOINTS = ("token", "other")
 #: `listener` values: the signing TCP listener, the signing unix socket, the ops listener.
 LISTENERS = ("signing", "signing_unix", "ops")
 REFRESH_RESULTS = ("changed", "unchanged", "error")
-LOGIN_METHODS = ("token", "approle", "kubernetes", "jwt")
+LOGIN_METHODS = ("token", "approle", "kubernetes", "jwt", "cert")
 RESULTS = ("success", "error")
 
 # Signing on loopback takes tens of microseconds; the low buckets resolve that.
@@ -104,6 +104,18 @@ class Metrics:
             "Unix time the current Vault token expires (0: no expiry or no token).",
             registry=registry,
         )
+        self.vault_client_cert_reload = Counter(
+            "reditus_sidecar_vault_client_cert_reload",
+            "Loads of a changed VAULT_CLIENT_CERT/KEY pair, by result (error: the previous "
+            "pair stays in use).",
+            ["result"],
+            registry=registry,
+        )
+        self.vault_client_cert_expiry = Gauge(
+            "reditus_sidecar_vault_client_cert_expiry_timestamp_seconds",
+            "Unix time the client certificate in use expires (0: no client certificate).",
+            registry=registry,
+        )
         self.ready = Gauge(
             "reditus_sidecar_ready",
             "1 when every product has a usable secret, else 0.",
@@ -154,6 +166,7 @@ class Metrics:
                 self.vault_login.labels(method=method, result=result)
         for result in RESULTS:
             self.vault_token_renewal.labels(result=result)
+            self.vault_client_cert_reload.labels(result=result)
         for listener in LISTENERS:
             self.http_connections_refused.labels(listener=listener)
             self.http_connections_evicted.labels(listener=listener)

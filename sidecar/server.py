@@ -3,7 +3,8 @@
 source -> refresher -> store -> signer -> api; the ops app reads the store and registry.
 Shutdown order: `/readyz` turns 503 at once; after the optional shutdown delay (signing
 goes on), refuse new connections, let in-flight requests finish, then stop the refresher
-and the Vault session, then the ops listener.
+and the Vault session (revoking its token, bounded by a short timeout), then the ops
+listener.
 """
 
 from __future__ import annotations
@@ -205,7 +206,7 @@ async def serve(settings: Settings, *, stop: asyncio.Event | None = None) -> int
         for runner in runners.values():
             await runner.cleanup()
         await refresher.stop()
-        await sources.close()
+        await sources.close(revoke=True)
         await ops.stop_accepting()
         await ops_runner.cleanup()
         if own_socket is not None and settings.unix_socket is not None:

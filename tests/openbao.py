@@ -208,33 +208,82 @@ def make_ca(directory: Path, name: str) -> tuple[Path, rsa.RSAPrivateKey, x509.C
 
 
 def make_server_cert(
-    directory: Path, ca_key: rsa.RSAPrivateKey, ca_cert: x509.Certificate
+    directory: Path,
+    ca_key: rsa.RSAPrivateKey,
+    ca_cert: x509.Certificate,
+    *,
+    dns_names: tuple[str, ...] = (),
 ) -> tuple[Path, Path]:
-    """A certificate for 127.0.0.1 signed by the CA; returns (cert file, key file)."""
+    """A certificate for 127.0.0.1 (or only for `dns_names`) signed by the CA;
+    returns (cert file, key file)."""
+    names: list[x509.GeneralName] = [x509.DNSName(name) for name in dns_names] or [
+        x509.IPAddress(ipaddress.ip_address("127.0.0.1"))
+    ]
+    return make_leaf(
+        directory,
+        "server",
+        ca_key,
+        ca_cert,
+        common_name="openbao-test",
+        usage=x509.oid.ExtendedKeyUsageOID.SERVER_AUTH,
+        names=names,
+    )
+
+
+def make_client_cert(
+    directory: Path,
+    name: str,
+    ca_key: rsa.RSAPrivateKey,
+    ca_cert: x509.Certificate,
+    *,
+    common_name: str,
+    lifetime: datetime.timedelta = datetime.timedelta(hours=1),
+) -> tuple[Path, Path]:
+    """A TLS client certificate (negative `lifetime`: already expired): (cert, key)."""
+    return make_leaf(
+        directory,
+        name,
+        ca_key,
+        ca_cert,
+        common_name=common_name,
+        usage=x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH,
+        lifetime=lifetime,
+    )
+
+
+def make_leaf(
+    directory: Path,
+    name: str,
+    ca_key: rsa.RSAPrivateKey,
+    ca_cert: x509.Certificate,
+    *,
+    common_name: str,
+    usage: x509.ObjectIdentifier,
+    names: list[x509.GeneralName] | None = None,
+    lifetime: datetime.timedelta = datetime.timedelta(days=1),
+) -> tuple[Path, Path]:
+    """A certificate signed by the CA, written as NAME.pem and NAME-key.pem."""
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     now = datetime.datetime.now(datetime.UTC)
-    cert = (
+    start = min(now, now + lifetime) - datetime.timedelta(minutes=5)
+    builder = (
         x509.CertificateBuilder()
-        .subject_name(_name("openbao-test"))
+        .subject_name(_name(common_name))
         .issuer_name(ca_cert.subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False,
-        )
-        .add_extension(
-            x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False
-        )
+        .not_valid_before(start)
+        .not_valid_after(now + lifetime)
+        .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
         .add_extension(
             x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
             critical=False,
         )
-        .sign(ca_key, hashes.SHA256())
     )
-    cert_file, key_file = directory / "server.pem", directory / "server-key.pem"
+    if names:
+        builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
+    cert = builder.sign(ca_key, hashes.SHA256())
+    cert_file, key_file = directory / f"{name}.pem", directory / f"{name}-key.pem"
     cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     key_file.write_bytes(
         key.private_bytes(
@@ -246,16 +295,22 @@ def make_server_cert(
     return cert_file, key_file
 
 
-def tls_listener(cert: Path, key: Path) -> tuple[str, int]:
-    """An extra OpenBao listener config with TLS on a free port: (HCL, port)."""
+def tls_listener(cert: Path, key: Path, client_ca: Path | None = None) -> tuple[str, int]:
+    """An extra OpenBao listener config with TLS on a free port: (HCL, port). With
+    `client_ca`, every connection must present a client certificate that CA signed."""
     port = free_port_pair()
+    mutual = (
+        f'  tls_client_ca_file = "{client_ca}"\n  tls_require_and_verify_client_cert = true\n'
+        if client_ca
+        else ""
+    )
     hcl = f"""
 listener "tcp" {{
   address = "127.0.0.1:{port}"
   cluster_address = "127.0.0.1:{port + 1}"
   tls_cert_file = "{cert}"
   tls_key_file = "{key}"
-}}
+{mutual}}}
 """
     return hcl, port
 

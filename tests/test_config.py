@@ -43,6 +43,16 @@ def test_defaults_match_the_contract(file_env: dict[str, str]) -> None:
     assert (product.product_id_key, product.secret_key) == ("product_id", "product_secret")
     assert vault_defaults.vault.auth == "token"
     assert vault_defaults.vault.auth_mount == "token"
+    assert vault_defaults.vault.revoke_on_shutdown == "true"
+    cert = load_settings(
+        {
+            "VAULT_ADDR": "https://v:8200",
+            "REDITUS_SIDECAR_VAULT_AUTH": "cert",
+            "VAULT_CLIENT_CERT": "/etc/passwd",
+            "VAULT_CLIENT_KEY": "/etc/passwd",
+        }
+    ).vault
+    assert (cert.auth_mount, cert.role) == ("cert", None)
 
 
 @pytest.mark.parametrize(
@@ -110,6 +120,12 @@ def test_bad_values_are_refused(file_env: dict[str, str], env: dict[str, str], n
         ({"VAULT_ADDR": "https://v:8200", "VAULT_TOKEN": "t", "VAULT_CACERT": "/nope.pem"}, "VAULT_CACERT='/nope.pem': no such file"),
         ({"VAULT_ADDR": "https://v:8200", "VAULT_TOKEN": "t", "VAULT_SKIP_VERIFY": "perhaps"}, "VAULT_SKIP_VERIFY='perhaps'"),
         ({"VAULT_ADDR": "http://v:8200", "VAULT_TOKEN": "t", "REDITUS_SIDECAR_KV_PATH": "/"}, "REDITUS_SIDECAR_KV_PATH: must not be empty"),
+        ({"VAULT_ADDR": "https://v:8200", "VAULT_TOKEN": "t", "VAULT_CAPATH": "/nope"}, "VAULT_CAPATH='/nope': no such directory"),
+        ({"VAULT_ADDR": "https://v:8200", "VAULT_TOKEN": "t", "VAULT_CLIENT_CERT": "/etc/passwd"}, "VAULT_CLIENT_CERT is set but VAULT_CLIENT_KEY is not"),
+        ({"VAULT_ADDR": "https://v:8200", "VAULT_TOKEN": "t", "VAULT_CLIENT_KEY": "/etc/passwd"}, "VAULT_CLIENT_KEY is set but VAULT_CLIENT_CERT is not"),
+        ({"VAULT_ADDR": "https://v:8200", "VAULT_TOKEN": "t", "VAULT_CLIENT_CERT": "/nope.crt", "VAULT_CLIENT_KEY": "/etc/passwd"}, "VAULT_CLIENT_CERT='/nope.crt': no such file"),
+        ({"VAULT_ADDR": "https://v:8200", "REDITUS_SIDECAR_VAULT_AUTH": "cert"}, "VAULT_CLIENT_CERT and VAULT_CLIENT_KEY: both must be set for REDITUS_SIDECAR_VAULT_AUTH=cert"),
+        ({"VAULT_ADDR": "http://v:8200", "VAULT_TOKEN": "t", "REDITUS_SIDECAR_REVOKE_ON_SHUTDOWN": "always"}, "REDITUS_SIDECAR_REVOKE_ON_SHUTDOWN='always': expected true, false or all"),
     ],
 )  # fmt: skip
 def test_bad_vault_values_are_refused(env: dict[str, str], needle: str) -> None:

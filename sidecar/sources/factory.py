@@ -18,7 +18,7 @@ class SharedResource(Protocol):
 
     async def start(self) -> None: ...
 
-    async def close(self) -> None: ...
+    async def close(self, *, revoke: bool = False) -> None: ...
 
 
 @dataclass
@@ -32,11 +32,13 @@ class SourceSet:
         for resource in self.shared:
             await resource.start()
 
-    async def close(self) -> None:
+    async def close(self, *, revoke: bool = False) -> None:
+        """Close everything; `revoke` (graceful shutdown of `serve`) also gives up the
+        credentials the shared resources obtained, as configured."""
         for source in self.sources.values():
             await source.close()
         for resource in reversed(self.shared):
-            await resource.close()
+            await resource.close(revoke=revoke)
 
 
 def build_sources(settings: Settings, metrics: Metrics | None = None) -> SourceSet:

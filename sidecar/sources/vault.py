@@ -17,12 +17,15 @@ import random
 import time
 from typing import TYPE_CHECKING, Any
 
+import hvac
+
 from ..config import Product, VaultSettings
 from ..errors import SecretInvalid, SecretUnavailable, SourceError
 from ..refresher import backoff_delay
 from .base import SecretMaterial, material_from_mapping
 from .vault_auth import Authenticator, TokenState, renew
-from .vault_client import VaultHTTPError, VaultPermissionDenied, VaultTransport
+from .vault_client import VaultHTTPError, VaultPermissionDenied, VaultTimeout, VaultTransport
+from .vault_tls import ClientPair
 
 if TYPE_CHECKING:
     from ..metrics import Metrics
@@ -33,6 +36,7 @@ RENEW_AT = 2 / 3  # of the TTL: leaves a third of it for retries when Vault is d
 EXPIRY_MARGIN = 0.5  # seconds: a token this close to expiry is not used any more
 DEFAULT_BACKOFF_MAX = 30.0
 STALE_TOKEN_PAUSE = 1.0  # seconds between re-reads of a token file that is about to expire
+REVOKE_TIMEOUT = 2.0  # seconds at most for revoke-self at shutdown: exit must fit the grace
 
 
 class VaultSession:
@@ -49,7 +53,9 @@ class VaultSession:
         self.settings = settings
         self.metrics = metrics
         self.backoff_max = backoff_max
-        self.transport = VaultTransport(settings)
+        self.transport = VaultTransport(settings, self._client_cert_loaded)
+        if self.transport.pair is not None and metrics is not None:
+            metrics.vault_client_cert_expiry.set(self.transport.pair.not_after.timestamp())
         self.auth = Authenticator(settings)
         self._rng = rng or random.Random()  # noqa: S311 - jitter, not cryptography
         self._state: TokenState | None = None
@@ -69,17 +75,59 @@ class VaultSession:
                 self._maintain(), name="vault-token"
             )
 
-    async def close(self) -> None:
-        """Stop at once, even with a call to a hung Vault in flight (its thread is dropped)."""
+    async def close(self, *, revoke: bool = False) -> None:
+        """Stop at once, even with a call to a hung Vault in flight (its thread is dropped);
+        with `revoke`, first revoke our own token (see `revoke`)."""
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        if revoke:
+            await self.revoke()
         self.transport.close()
         self._state = None
         if self.metrics is not None:
             self.metrics.vault_token_expiry.set(0)
+
+    async def revoke(self) -> None:
+        """Revoke the token we logged in for (REDITUS_SIDECAR_REVOKE_ON_SHUTDOWN): a pod's
+        token dies with it instead of living out its TTL. A token we were handed (VAULT_TOKEN,
+        a token file) belongs to whoever handed it: only the value `all` revokes it. Bounded
+        by min(REVOKE_TIMEOUT, the Vault timeout) so a hung Vault never holds up the exit."""
+        mode, state = self.settings.revoke_on_shutdown, self._state
+        if mode == "false" or state is None:
+            return
+        if self.auth.method == "token" and mode != "all":
+            log.debug("not revoking the Vault token: it was handed to the sidecar")
+            return
+        timeout = min(REVOKE_TIMEOUT, self.settings.timeout)
+        token = state.token.reveal()
+        try:
+            await self.transport.call_within(_revoke_self, token=token, bound=timeout)
+        except VaultTimeout:
+            log.warning(
+                "revoking the Vault token at shutdown timed out; it lapses at its TTL",
+                extra={"detail": f"no answer within {timeout:g}s"},
+            )
+        except VaultHTTPError as exc:
+            log.warning(
+                "Vault refused to revoke the token at shutdown; it lapses at its TTL",
+                extra={"status": exc.status, "error": exc.said([token])},
+            )
+        except SourceError as exc:
+            log.warning(
+                "could not revoke the Vault token at shutdown; it lapses at its TTL",
+                extra={"error": str(exc)},
+            )
+        else:
+            log.info("revoked the Vault token at shutdown", extra={"method": self.auth.method})
+
+    def _client_cert_loaded(self, result: str, pair: ClientPair | None) -> None:
+        if self.metrics is not None:
+            self.metrics.vault_client_cert_reload.labels(result=result).inc()
+            if pair is not None:
+                self.metrics.vault_client_cert_expiry.set(pair.not_after.timestamp())
 
     # --- token -----------------------------------------------------------------------
 
@@ -254,6 +302,12 @@ class VaultSession:
             )
         version = body["metadata"].get("version")
         return body.get("data"), int(version) if isinstance(version, int) else 0
+
+
+def _revoke_self(client: hvac.Client) -> int:
+    """POST auth/token/revoke-self; Vault answers 204, which hvac hands back raw."""
+    response = client.auth.token.revoke_self()
+    return int(getattr(response, "status_code", 0))
 
 
 def kv_error(exc: VaultHTTPError, mount: str, path: str) -> SourceError:

@@ -99,6 +99,17 @@ class Authenticator:
                 f"check {PREFIX}VAULT_ROLE_ID and the secret id in "
                 f"{PREFIX}VAULT_SECRET_ID_FILE (expired, used up, or for another role?)"
             )
+        if self.method == "cert":
+            role = (
+                f"the cert role {self.settings.role!r} ({PREFIX}VAULT_ROLE)"
+                if self.settings.role
+                else f"a cert role at auth/{self.mount}"
+            )
+            return (
+                f"check that {role} trusts the client certificate "
+                f"VAULT_CLIENT_CERT={self.settings.client_cert} (its CA, allowed names, "
+                "constraints) and that it has not expired"
+            )
         return (
             f"check {PREFIX}VAULT_ROLE ({self.settings.role!r}) and that the role accepts the "
             f"token in {self.settings.jwt_file} ({PREFIX}VAULT_JWT_FILE): bound service "
@@ -124,6 +135,8 @@ class Authenticator:
                     s.secret_id_file, "AppRole secret id", f"{PREFIX}VAULT_SECRET_ID_FILE"
                 )
             return creds
+        if self.method == "cert":
+            return {}  # the TLS connection presents VAULT_CLIENT_CERT (reloaded on change)
         return {"jwt": read_credential(s.jwt_file, "JWT", f"{PREFIX}VAULT_JWT_FILE")}
 
     def _login_call(self, creds: dict[str, str]) -> Any:
@@ -132,6 +145,9 @@ class Authenticator:
             return lambda c: c.auth.approle.login(
                 creds["role_id"], creds.get("secret_id"), use_token=False, mount_point=self.mount
             )
+        if self.method == "cert":
+            body = {"name": s.role} if s.role else {}
+            return lambda c: c.adapter.post(f"/v1/auth/{self.mount}/login", json=body)
         if self.method == "kubernetes":
             return lambda c: c.auth.kubernetes.login(
                 s.role, creds["jwt"], use_token=False, mount_point=self.mount
@@ -184,6 +200,12 @@ class Authenticator:
 
     def _refused(self, exc: VaultHTTPError, where: str) -> Exception:
         said = exc.said(self._held)
+        if self.method == "cert" and "TLS connection" in said:
+            return VaultLoginRefused(
+                f"Vault refused the cert login (HTTP {exc.status} on {where}: {said}): cert "
+                "auth needs VAULT_ADDR to be an https:// address of Vault itself (a TLS-"
+                "terminating proxy in between hides the client certificate)"
+            )
         if exc.status in (400, 401, 403):
             what = "the token" if self.method == "token" else f"the {self.method} login"
             return VaultLoginRefused(
