@@ -32,7 +32,12 @@ CRD_GROUP = "monitoring.coreos.com/"
 DOCUMENTED_ENV = {
     "VAULT_ADDR",
     "VAULT_CACERT",
+    "VAULT_CAPATH",
+    "VAULT_CLIENT_CERT",
+    "VAULT_CLIENT_KEY",
+    "VAULT_TLS_SERVER_NAME",
     "VAULT_NAMESPACE",
+    "REDITUS_SIDECAR_REVOKE_ON_SHUTDOWN",
     "REDITUS_SIDECAR_LISTEN",
     "REDITUS_SIDECAR_UNIX_SOCKET",
     "REDITUS_SIDECAR_METRICS_LISTEN",
@@ -60,6 +65,8 @@ DOCUMENTED_ENV = {
 }
 FILE_ENV = (
     "VAULT_CACERT",
+    "VAULT_CLIENT_CERT",
+    "VAULT_CLIENT_KEY",
     "REDITUS_SIDECAR_VAULT_JWT_FILE",
     "REDITUS_SIDECAR_VAULT_SECRET_ID_FILE",
     "REDITUS_SIDECAR_VAULT_TOKEN_FILE",
@@ -513,6 +520,37 @@ def test_token_auth_wiring() -> None:
     assert env["REDITUS_SIDECAR_VAULT_TOKEN_FILE"].endswith("/token")
 
 
+def test_cert_auth_wiring() -> None:
+    """The kubernetes.io/tls Secret is mounted whole (a subPath mount would never see
+    cert-manager's renewal) and its two files are the client pair; the CA directory, the
+    server name and the revocation value reach the sidecar."""
+    spec = pod_spec(rendered("cert-auth-values.yaml"))
+    sidecar = sidecar_container(spec)
+    env = env_of(sidecar)
+    assert env["REDITUS_SIDECAR_VAULT_AUTH"] == "cert"
+    assert env["REDITUS_SIDECAR_VAULT_ROLE"] == "shop-reditus"
+    assert env["VAULT_TLS_SERVER_NAME"] == "vault.vault.svc"
+    assert env["REDITUS_SIDECAR_REVOKE_ON_SHUTDOWN"] == "all"
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    tls = volumes["reditus-sidecar-vault-tls"]["secret"]
+    assert tls["secretName"] == "shop-reditus-vault-client"
+    assert [item["path"] for item in tls["items"]] == ["tls.crt", "tls.key"]
+    (mount,) = [m for m in sidecar["volumeMounts"] if m["name"] == "reditus-sidecar-vault-tls"]
+    assert "subPath" not in mount
+    assert env["VAULT_CLIENT_CERT"] == mount["mountPath"] + "/tls.crt"
+    assert env["VAULT_CLIENT_KEY"] == mount["mountPath"] + "/tls.key"
+    assert volumes["reditus-sidecar-vault-capath"]["configMap"]["name"] == "vault-cas"
+    (capath,) = [m for m in sidecar["volumeMounts"] if m["name"] == "reditus-sidecar-vault-capath"]
+    assert env["VAULT_CAPATH"] == capath["mountPath"]
+    assert "VAULT_CACERT" not in env
+
+
+def test_revocation_default_and_no_tls_by_default() -> None:
+    env = env_of(sidecar_container(pod_spec(rendered(None))))
+    assert env["REDITUS_SIDECAR_REVOKE_ON_SHUTDOWN"] == "true"
+    assert not {"VAULT_CAPATH", "VAULT_CLIENT_CERT", "VAULT_TLS_SERVER_NAME"} & set(env)
+
+
 def test_add_ons_are_off_by_default() -> None:
     kinds = sorted(d["kind"] for d in rendered(None))
     assert kinds == ["Deployment", "ServiceAccount"]
@@ -609,6 +647,8 @@ def test_bundled_rules_and_dashboard_are_copies_of_deploy() -> None:
         ("sidecar.opsPort=70000", "/sidecar/opsPort"),
         ("sidecar.shutdownDelay=-1", "/sidecar/shutdownDelay"),
         ("sidecar.shutdownDelay=301", "/sidecar/shutdownDelay"),  # the sidecar's own cap
+        ("sidecar.vault.revokeOnShutdown=sometimes", "/sidecar/vault/revokeOnShutdown"),
+        ("sidecar.vault.tls.clientCertSecert=x", "clientCertSecert"),
     ],
 )
 def test_schema_rejects_typos_bad_enums_and_exposed_listeners(setting: str, message: str) -> None:
@@ -627,6 +667,7 @@ def test_schema_rejects_typos_bad_enums_and_exposed_listeners(setting: str, mess
             "secretIdSecret.name",
         ),
         (["sidecar.vault.auth.method=token"], "token.secret.name or"),
+        (["sidecar.vault.auth.method=cert"], "needs sidecar.vault.tls.clientCertSecret"),
         (["sidecar.vault.auth.role="], "role is required"),
         (
             ["sidecar.vault.caCert.configMap=a", "sidecar.vault.caCert.secret=b"],

@@ -160,6 +160,9 @@ checks single values; this checks how they fit together). Returns nothing otherw
 {{- if and $sc.vault.caCert.configMap $sc.vault.caCert.secret }}
 {{- fail "set only one of sidecar.vault.caCert.configMap and sidecar.vault.caCert.secret" }}
 {{- end }}
+{{- if and (eq $auth.method "cert") (not $sc.vault.tls.clientCertSecret) }}
+{{- fail "the cert auth method needs sidecar.vault.tls.clientCertSecret (a kubernetes.io/tls Secret with the client certificate and key)" }}
+{{- end }}
 {{- end }}
 {{- end }}
 
@@ -201,6 +204,20 @@ shutdown delay only when it is on.
 - name: VAULT_CACERT
   value: /etc/reditus-sidecar/vault-ca/ca.crt
 {{- end }}
+{{- if $v.caPathConfigMap }}
+- name: VAULT_CAPATH
+  value: /etc/reditus-sidecar/vault-capath
+{{- end }}
+{{- if $v.tls.clientCertSecret }}
+- name: VAULT_CLIENT_CERT
+  value: {{ printf "%s/tls.crt" $v.tls.mountPath | quote }}
+- name: VAULT_CLIENT_KEY
+  value: {{ printf "%s/tls.key" $v.tls.mountPath | quote }}
+{{- end }}
+{{- with $v.tls.serverName }}
+- name: VAULT_TLS_SERVER_NAME
+  value: {{ . | quote }}
+{{- end }}
 - name: REDITUS_SIDECAR_VAULT_AUTH
   value: {{ $v.auth.method | quote }}
 {{- with $v.auth.mount }}
@@ -220,7 +237,12 @@ shutdown delay only when it is on.
 {{- else if eq $v.auth.method "token" }}
 - name: REDITUS_SIDECAR_VAULT_TOKEN_FILE
   value: {{ ternary (printf "%s/token" $v.auth.token.mountPath) $v.auth.token.file (not (empty $v.auth.token.secret.name)) | quote }}
+{{- else if and (eq $v.auth.method "cert") $v.auth.role }}
+- name: REDITUS_SIDECAR_VAULT_ROLE
+  value: {{ $v.auth.role | quote }}
 {{- end }}
+- name: REDITUS_SIDECAR_REVOKE_ON_SHUTDOWN
+  value: {{ $v.revokeOnShutdown | toString | quote }}
 - name: REDITUS_SIDECAR_KV_MOUNT
   value: {{ $v.kv.mount | quote }}
 - name: REDITUS_SIDECAR_KV_PATH
@@ -280,6 +302,16 @@ files its auth method needs, the Vault CA, the socket directory and extraVolumeM
 {{- if or $sc.vault.caCert.configMap $sc.vault.caCert.secret }}
 - name: reditus-sidecar-vault-ca
   mountPath: /etc/reditus-sidecar/vault-ca
+  readOnly: true
+{{- end }}
+{{- if $sc.vault.caPathConfigMap }}
+- name: reditus-sidecar-vault-capath
+  mountPath: /etc/reditus-sidecar/vault-capath
+  readOnly: true
+{{- end }}
+{{- if $sc.vault.tls.clientCertSecret }}
+- name: reditus-sidecar-vault-tls
+  mountPath: {{ $sc.vault.tls.mountPath }}
   readOnly: true
 {{- end }}
 {{- end }}
@@ -347,6 +379,23 @@ Include it in the pod's volumes next to your own when embedding the sidecar.
       - key: {{ .key }}
         path: ca.crt
 {{- end }}
+{{- end }}
+{{- with $sc.vault.caPathConfigMap }}
+- name: reditus-sidecar-vault-capath
+  configMap:
+    name: {{ . }}
+{{- end }}
+{{- with $sc.vault.tls.clientCertSecret }}
+{{- /* the whole Secret as a directory (no subPath): the kubelet's ..data swap reaches the pod */}}
+- name: reditus-sidecar-vault-tls
+  secret:
+    secretName: {{ . }}
+    defaultMode: 0440
+    items:
+      - key: tls.crt
+        path: tls.crt
+      - key: tls.key
+        path: tls.key
 {{- end }}
 {{- end }}
 {{- if $sc.unixSocket.enabled }}
