@@ -109,9 +109,10 @@ class Coalescer(Generic[I, R]):
         try:
             outcomes = await self._call([item for item, _ in batch])
         except SourceError as exc:
-            self._open(exc)
+            window = self._open(exc)
+            failure = type(exc)(str(exc), retry_after=max(window, 1.0))
             for _, future in batch:
-                _settle_error(future, exc)
+                _settle_error(future, failure)
             self._fail_queue()
             return
         except asyncio.CancelledError:  # close(): shutting down
@@ -136,7 +137,7 @@ class Coalescer(Generic[I, R]):
                 future.set_result(outcome)
         self._launch()
 
-    def _open(self, exc: SourceError) -> None:
+    def _open(self, exc: SourceError) -> float:
         """Refuse for a backoff window (at least the remote end's own Retry-After)."""
         self._failures += 1
         delay = backoff_delay(self._failures, self.backoff_max, self._rng)
@@ -148,6 +149,7 @@ class Coalescer(Generic[I, R]):
             "remote signing failed; refusing at once until the backoff ends",
             extra={"error": str(exc), "retry_in": round(delay, 2)},
         )
+        return delay
 
     def _fail_queue(self) -> None:
         """Requests that waited behind the failed call get the refusal too, now."""
