@@ -19,7 +19,17 @@ import pytest
 
 from sidecar.devserver import OpenBaoDevServer, find_bao
 from tests.openbao import Bao, unique, vault_sidecar
-from tests.support import eventually, post_token, request_token, scrape, scrape_value, signed_with
+from tests.support import (
+    base_env,
+    eventually,
+    join_output,
+    post_token,
+    request_token,
+    scrape,
+    scrape_value,
+    signed_with,
+    spawn,
+)
 from tests.test_signer import JoseSigner
 
 SECRET = "transit-secret-\u00e9\u00df-" + "t" * 60  # non-ASCII: the key is the UTF-8 bytes
@@ -199,3 +209,22 @@ def test_a_hung_then_stopped_vault_gets_503_at_once(tmp_path: Path) -> None:
             assert body["error"]["code"] == "secret_unavailable"  # type: ignore[index]
             assert int(headers["Retry-After"]) >= 1
             assert sidecar.proc.poll() is None
+
+
+def test_check_and_sign_commands_use_transit(bao: Bao, key: str) -> None:
+    env = base_env(VAULT_ADDR=bao.addr, **transit_env(bao, key))
+    proc, lines = spawn(["check"], env)
+    assert proc.wait(30) == 0, lines
+    join_output(proc)
+    assert lines == [
+        f"check: product default: ok (product id {PRODUCT_ID!r}, transit key version 1)"
+    ]
+    proc, lines = spawn(["sign", "--user-id", "u-cli"], env)
+    assert proc.wait(30) == 0, lines
+    join_output(proc)
+    assert signed_with(lines[-1], SECRET)
+    proc, lines = spawn(["check"], {**env, "REDITUS_SIDECAR_TRANSIT_KEY": "missing"})
+    assert proc.wait(30) == 1
+    join_output(proc)
+    assert "REDITUS_SIDECAR_TRANSIT_KEY ('missing')" in "\n".join(lines)
+    assert "Traceback" not in "\n".join(lines)
