@@ -8,7 +8,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import hmac
+import signal
 import subprocess
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -228,3 +231,32 @@ def test_check_and_sign_commands_use_transit(bao: Bao, key: str) -> None:
     join_output(proc)
     assert "REDITUS_SIDECAR_TRANSIT_KEY ('missing')" in "\n".join(lines)
     assert "Traceback" not in "\n".join(lines)
+
+
+def ready(sidecar: object) -> int:
+    try:
+        with urllib.request.urlopen(sidecar.metrics_url + "/readyz", timeout=5) as answer:  # type: ignore[attr-defined]  # noqa: S310
+            return int(answer.status)
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+def test_ready_after_the_first_transit_answer_and_sighup_probes(bao: Bao, tmp_path: Path) -> None:
+    name = unique("later")
+    env = transit_env(bao, name, REDITUS_SIDECAR_REFRESH_INTERVAL="60")
+    with vault_sidecar(bao.addr, wait=False, **env) as sidecar:
+        eventually(lambda: "transit probe failed" in sidecar.output(), what="a failed probe")
+        assert ready(sidecar) == 503
+        status, headers, body = request_token(sidecar.api_url, {"userId": "u"})
+        assert (status, body["error"]["code"]) == (503, "secret_unavailable")  # type: ignore[index]
+        assert int(headers["Retry-After"]) >= 1
+        import_key(bao, tmp_path, name, SECRET)  # the probe retries on the backoff schedule
+        eventually(lambda: ready(sidecar) == 200, timeout=15, what="ready once the key exists")
+        assert scrape_value(sidecar.metrics_url, VERSION) == 1
+        # A new version shows on SIGHUP, before any token asks for it.
+        import_key(bao, tmp_path, name, NEW, command="import-version")
+        sidecar.proc.send_signal(signal.SIGHUP)
+        eventually(lambda: scrape_value(sidecar.metrics_url, VERSION) == 2, what="probe on SIGHUP")
+        status, body = post_token(sidecar.api_url, {"userId": "u"})
+        assert status == 200
+        assert signed_with(str(body["token"]), NEW)
