@@ -43,7 +43,7 @@ def sidecar_vault() -> Iterator[Server]:
 
 @contextlib.contextmanager
 def sidecar_transit(max_batch: int, max_in_flight: int) -> Iterator[Server]:
-    """`reditus-sidecar serve` in transit mode; the key imported by deploy/vault/setup-transit.sh."""
+    """`reditus-sidecar serve` in transit mode, its key imported by setup-transit.sh."""
     with common.openbao() as bao:
         env = common.clean_env(**bao.env(), VAULT_CLI=str(bao.bao))  # type: ignore[attr-defined]
         subprocess.run(
