@@ -26,10 +26,12 @@ SECRET = "setup-secret-\u00e9-" + "s" * 60
 NEW = "setup-rotated-" + "r" * 60
 
 
-def run_setup(env: dict[str, str], stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+def run_setup(
+    env: dict[str, str], stdin: str | None = None, script: str = "setup-transit.sh"
+) -> subprocess.CompletedProcess[str]:
     path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
     result = subprocess.run(
-        ["bash", str(DEPLOY / "setup-transit.sh")],
+        ["bash", str(DEPLOY / script)],
         env=base_env(PATH=path, **env),
         input=stdin,
         capture_output=True,
@@ -149,3 +151,35 @@ async def test_transit_policy_is_enough_for_the_sidecar(
 ) -> None:
     mount, key, token = transit_token
     assert await sign_probe(openbao, token, mount, key) == (expected(SECRET), 1)
+
+
+async def test_approle_setup_binds_the_transit_policy(
+    openbao: Bao, transit_token: tuple[str, str, str], tmp_path: Path
+) -> None:
+    mount, key, _ = transit_token
+    secret_id_file = tmp_path / "secret-id"
+    env = {
+        **openbao.server.env(),
+        "HOME": str(tmp_path),
+        "SECRET_SOURCE": "transit",
+        "TRANSIT_MOUNT": mount,
+        "TRANSIT_KEY": key,
+        "AUTH_MOUNT": unique("approle"),
+        "POLICY": unique("policy"),
+        "SECRET_ID_FILE": str(secret_id_file),
+    }
+    result = run_setup(env, script="setup-approle.sh")
+    values = dict(line.split("=", 1) for line in result.stdout.splitlines())
+    assert values["REDITUS_SIDECAR_SECRET_SOURCE"] == "transit"
+    assert values["REDITUS_SIDECAR_TRANSIT_KEY"] == key
+    assert not [name for name in values if "_KV_" in name]
+    login = openbao.root().auth.approle.login(
+        values["REDITUS_SIDECAR_VAULT_ROLE_ID"],
+        secret_id_file.read_text().strip(),
+        mount_point=env["AUTH_MOUNT"],
+    )
+    token = login["auth"]["client_token"]
+    assert await sign_probe(openbao, token, mount, key) == (expected(SECRET), 1)
+    client = hvac.Client(url=openbao.addr, token=token, cert=(), verify=True, timeout=5)
+    with pytest.raises(hvac.exceptions.Forbidden):
+        client.secrets.kv.v2.read_secret_version("reditus", raise_on_deleted_version=True)

@@ -18,17 +18,15 @@
 #   ROTATE [false]            true: import the secret as a new version of an existing key
 #   VAULT_CLI [bao, else vault, on PATH]
 #
-# Then give the sidecar's auth role (setup-approle.sh / setup-kubernetes-auth.sh with
-# POLICY=reditus-sidecar-transit) this policy. Prints the REDITUS_SIDECAR_* variables for
-# transit mode (never the secret).
+# Then bind the policy to the sidecar's auth role: run setup-kubernetes-auth.sh or
+# setup-approle.sh with SECRET_SOURCE=transit (and the same TRANSIT_MOUNT / TRANSIT_KEY).
+# Prints the REDITUS_SIDECAR_* variables for transit mode (never the secret).
 set -euo pipefail
 name=setup-transit
 here=$(cd "$(dirname "$0")" && pwd)
-POLICY=${POLICY:-reditus-sidecar-transit} # before common.sh, whose default is the KV policy
+SECRET_SOURCE=transit
 # shellcheck source=common.sh
 source "$here/common.sh"
-TRANSIT_MOUNT=${TRANSIT_MOUNT:-transit}
-TRANSIT_KEY=${TRANSIT_KEY:-reditus}
 ROTATE=${ROTATE:-false}
 
 mounts=$("$cli" secrets list -format=json)
@@ -69,10 +67,5 @@ else
     echo "$TRANSIT_MOUNT/keys/$TRANSIT_KEY exists: left alone (ROTATE=true imports a new version)" >&2
 fi
 
-sed "s#\"transit/hmac/reditus/sha2-512\"#\"${TRANSIT_MOUNT}/hmac/${TRANSIT_KEY}/sha2-512\"#" \
-    "$here/reditus-sidecar-transit.hcl" | "$cli" policy write "$POLICY" - >/dev/null
-echo "policy $POLICY: update on ${TRANSIT_MOUNT}/hmac/${TRANSIT_KEY}/sha2-512" >&2
-
-echo "REDITUS_SIDECAR_SECRET_SOURCE=transit"
-echo "REDITUS_SIDECAR_TRANSIT_MOUNT=$TRANSIT_MOUNT"
-echo "REDITUS_SIDECAR_TRANSIT_KEY=$TRANSIT_KEY"
+write_policy
+print_source_env
