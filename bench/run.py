@@ -42,6 +42,35 @@ def sidecar_vault() -> Iterator[Server]:
 
 
 @contextlib.contextmanager
+def sidecar_transit(max_batch: int, max_in_flight: int) -> Iterator[Server]:
+    """`reditus-sidecar serve` in transit mode, its key imported by setup-transit.sh."""
+    with common.openbao() as bao:
+        env = common.clean_env(**bao.env(), VAULT_CLI=str(bao.bao))  # type: ignore[attr-defined]
+        subprocess.run(
+            ["bash", str(common.ROOT / "deploy" / "vault" / "setup-transit.sh")],
+            env=env,
+            input=SECRET,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        launcher = [PYTHON, str(common.BENCH / "targets" / "sidecar_transit.py")]
+        server = common.start_sidecar(
+            f"sidecar-transit-{max_batch}x{max_in_flight}",
+            [*launcher, str(max_batch), str(max_in_flight)],
+            REDITUS_SIDECAR_SECRET_SOURCE="transit",
+            REDITUS_SIDECAR_PRODUCT_ID=PRODUCT_ID,
+            VAULT_ADDR=bao.addr,  # type: ignore[attr-defined]
+            VAULT_TOKEN=bao.root_token,  # type: ignore[attr-defined]
+        )
+        server.extra_pids = (bao.pid,)  # type: ignore[attr-defined]
+        try:
+            yield server
+        finally:
+            server.stop()
+
+
+@contextlib.contextmanager
 def express_jose() -> Iterator[Server]:
     """The Reditus guide's route: Express + jose in Node."""
     express = common.BENCH / "express"
@@ -105,6 +134,14 @@ TARGETS: dict[str, tuple[str, Target]] = {
         lambda: common.sidecar_file(ASYNCIO_LAUNCHER),
     ),
     "sidecar-vault": ("sidecar `serve`, Vault source (OpenBao), uvloop", sidecar_vault),
+    "sidecar-transit": (
+        "sidecar `serve`, transit mode, batches of up to 64, one call in flight (default)",
+        lambda: sidecar_transit(64, 1),
+    ),
+    "sidecar-transit-nobatch": (
+        "sidecar `serve`, transit mode, one token per call, up to 64 calls in flight",
+        lambda: sidecar_transit(1, 64),
+    ),
     "express-jose": ("Express 5 + jose (the guide's route), Node", express_jose),
     "vault-transit": ("aiohttp app + OpenBao transit HMAC per token", vault_transit),
     "bare-uvloop": ("bare aiohttp, no signing, uvloop", lambda: bare("uvloop")),
@@ -187,6 +224,8 @@ def ratios(all_results: dict[str, dict[int, common.LoadResult]], levels: list[in
         ("sidecar-file", "bare-uvloop", "≥ 0.80x"),
         ("sidecar-vault", "sidecar-file", "≈ 1x"),
         ("sidecar-file", "vault-transit", ""),
+        ("sidecar-transit", "vault-transit", ""),
+        ("sidecar-transit", "sidecar-transit-nobatch", ""),
     ]
     lines = [
         "| ratio (req/s) | " + " | ".join(f"c={c}" for c in levels) + " | target |",

@@ -81,8 +81,30 @@ async def _read_all(settings: Settings) -> dict[str, Any]:
     return results
 
 
+def _transit_once(settings: Settings, user_id: str | None, command: str) -> int:
+    """`check`/`sign` in transit mode: one HMAC from Vault (the secret is never read)."""
+    from .sources.transit import sign_once
+
+    try:
+        token, version = _run(lambda: sign_once(settings, user_id, int(time.time())))
+    except SourceError as exc:
+        print(f"{command}: product default: FAILED: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    if user_id is not None:
+        print(token)
+    else:
+        assert settings.transit is not None
+        print(
+            f"check: product default: ok (product id {settings.transit.product_id!r}, "
+            f"transit key version {version})"
+        )
+    return EXIT_OK
+
+
 def cmd_check(args: argparse.Namespace) -> int:
     settings = _settings(args, one_shot=True)
+    if settings.transit is not None:
+        return _transit_once(settings, None, "check")
     results = _run(lambda: _read_all(settings))
     failed = False
     for name, result in results.items():
@@ -109,6 +131,8 @@ def cmd_sign(args: argparse.Namespace) -> int:
     if settings.product(args.product) is None:
         print(f"sign: no product named {args.product!r} is configured", file=sys.stderr)
         return EXIT_CONFIG
+    if settings.transit is not None:
+        return _transit_once(settings, user_id, "sign")
     results = _run(lambda: _read_all(settings))
     result = results[args.product]
     if isinstance(result, SourceError):

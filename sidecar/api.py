@@ -13,6 +13,7 @@ import ipaddress
 import itertools
 import json
 import logging
+import math
 import re
 import secrets
 import time
@@ -22,7 +23,9 @@ from typing import Any
 from aiohttp import web
 
 from .config import DEFAULT_PRODUCT
+from .errors import SourceError
 from .metrics import ENDPOINTS, ERROR_REASONS, Metrics
+from .signer import RemoteSigner, TokenSigner
 from .state import SecretStore
 
 log = logging.getLogger(__name__)
@@ -318,10 +321,19 @@ class TokenHandler:
                 headers={"Retry-After": str(self.retry_after(product))},
             )
         iat = int(self.clock())
-        token = snapshot.signer.sign(user_id, iat)
+        # `version`: the secret's (or, in transit mode, the transit key's) version this
+        # token was signed with, as the signing call reports it.
+        signer = snapshot.signer
+        if isinstance(signer, TokenSigner):
+            token, version = signer.sign(user_id, iat), snapshot.version
+        else:
+            token, version = await self._sign_remotely(signer, user_id, iat)
         self._issued[product].inc()
         if log.isEnabledFor(logging.DEBUG):
-            log.debug("token issued", extra={"request_id": request_id, "product": product})
+            log.debug(
+                "token issued",
+                extra={"request_id": request_id, "product": product, "version": version},
+            )
         # The token is base64url and dots, the product id is JSON-encoded once per secret:
         # concatenation gives json.dumps' output in a tenth of its time (0.25 us, not 2.5).
         body_out = (
@@ -341,6 +353,19 @@ class TokenHandler:
                 "X-Request-Id": request_id,
             },
         )
+
+    async def _sign_remotely(self, signer: RemoteSigner, user_id: str, iat: int) -> tuple[str, int]:
+        """Transit mode: Vault computes the HMAC; when it cannot, 503 at once (no local key)."""
+        try:
+            return await signer.sign_remote(user_id, iat)
+        except SourceError as exc:
+            log.debug("transit signing refused", extra={"error": str(exc)})
+            raise ApiError(
+                503,
+                "secret_unavailable",
+                "Vault cannot sign right now (transit mode keeps no local key); retry shortly",
+                headers={"Retry-After": str(max(1, math.ceil(exc.retry_after or 1)))},
+            ) from None
 
 
 TOKEN_HANDLER = web.AppKey("token_handler", TokenHandler)

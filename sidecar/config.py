@@ -24,10 +24,10 @@ PREFIX = "REDITUS_SIDECAR_"
 DEFAULT_PRODUCT = "default"
 SERVICE_ACCOUNT_TOKEN = "/var/run/secrets/kubernetes.io/serviceaccount/token"
 
-SourceKind = Literal["vault", "file"]
+SourceKind = Literal["vault", "file", "transit"]
 AuthMethod = Literal["token", "approle", "kubernetes", "jwt", "cert"]
 RevokeMode = Literal["true", "false", "all"]
-SOURCE_KINDS: tuple[SourceKind, ...] = ("vault", "file")
+SOURCE_KINDS: tuple[SourceKind, ...] = ("vault", "file", "transit")
 AUTH_METHODS: tuple[AuthMethod, ...] = ("token", "approle", "kubernetes", "jwt", "cert")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("json", "text")
@@ -62,6 +62,10 @@ GLOBAL_KEYS: dict[str, str | None] = {
     "LOG_LEVEL": "info",
     "LOG_FORMAT": "json",
     "CONFIG": None,
+    # transit mode: Vault holds the secret as an HMAC key and signs; the pod never sees it
+    "TRANSIT_MOUNT": "transit",
+    "TRANSIT_KEY": "reditus",
+    "PRODUCT_ID": None,
 }
 # Keys a `[products.NAME]` table may set; unset ones fall back to the top-level values.
 PRODUCT_KEYS = ("kv_mount", "kv_path", "product_id_key", "secret_key", "secret_file")
@@ -131,6 +135,15 @@ class VaultSettings:
 
 
 @dataclass(frozen=True)
+class TransitSettings:
+    """Transit mode: where the HMAC key lives and the product id it signs for."""
+
+    mount: str
+    key: str
+    product_id: str
+
+
+@dataclass(frozen=True)
 class Settings:
     """Everything the sidecar needs, checked once."""
 
@@ -149,6 +162,7 @@ class Settings:
     log_format: str
     shutdown_delay: float = 0.0
     unknown_env: tuple[str, ...] = ()
+    transit: TransitSettings | None = None
 
     def product(self, name: str) -> Product | None:
         for product in self.products:
@@ -310,7 +324,7 @@ def load_settings(env: Mapping[str, str] | None = None, config_file: str | None 
     metrics_listen = parse_address(metrics_raw or "", where, loopback_only=False)
 
     secret_source = _choice(*raw("SECRET_SOURCE"), SOURCE_KINDS)
-    vault = _vault_settings(values, env, secret_source == "vault")
+    vault = _vault_settings(values, env, secret_source in ("vault", "transit"))
 
     refresh_interval = _seconds(*raw("REFRESH_INTERVAL"), allow_zero=False)
     backoff_max = _seconds(*raw("BACKOFF_MAX"), allow_zero=False)
@@ -336,6 +350,7 @@ def load_settings(env: Mapping[str, str] | None = None, config_file: str | None 
         )
 
     products = _products(values, file_values.get("products", {}), secret_source)
+    transit = _transit_settings(values, products) if secret_source == "transit" else None
     unknown = tuple(
         sorted(
             name
@@ -361,6 +376,37 @@ def load_settings(env: Mapping[str, str] | None = None, config_file: str | None 
         log_format=_choice(*raw("LOG_FORMAT"), LOG_FORMATS),
         shutdown_delay=shutdown_delay,
         unknown_env=unknown,
+        transit=transit,
+    )
+
+
+_TRANSIT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)*$")
+
+
+def _transit_settings(values: _Values, products: tuple[Product, ...]) -> TransitSettings:
+    """Transit mode signs for one product with one key: both named here, checked once."""
+    if len(products) != 1 or products[0].name != DEFAULT_PRODUCT:
+        raise ConfigError(
+            f"{PREFIX}SECRET_SOURCE=transit signs for one product: remove the [products] "
+            "tables (run one sidecar per product)"
+        )
+    names = {}
+    for suffix in ("TRANSIT_MOUNT", "TRANSIT_KEY"):
+        raw, where = values.get(suffix)
+        value = _nonempty(raw, where).strip("/")
+        if not _TRANSIT_NAME.match(value):
+            raise ConfigError(
+                f"{where}={raw!r}: expected a Vault path of letters, digits, '.', '_', '-'"
+            )
+        names[suffix] = value
+    raw, where = values.get("PRODUCT_ID")
+    if raw is None or not raw.strip():
+        raise ConfigError(
+            f"{where}: must be set for {PREFIX}SECRET_SOURCE=transit (the product id from "
+            "the Reditus dashboard; transit holds only the secret)"
+        )
+    return TransitSettings(
+        mount=names["TRANSIT_MOUNT"], key=names["TRANSIT_KEY"], product_id=raw.strip()
     )
 
 
@@ -392,7 +438,7 @@ def _vault_settings(values: _Values, env: Mapping[str, str], needed: bool) -> Va
     client_key = Path(key_raw) if key_raw else None
     if needed:
         if not addr:
-            raise ConfigError("VAULT_ADDR: must be set for the vault secret source")
+            raise ConfigError("VAULT_ADDR: must be set for the vault and transit secret sources")
         if not re.match(r"^https?://[^/\s]+", addr):
             raise ConfigError(f"VAULT_ADDR={addr!r}: expected http(s)://HOST[:PORT]")
         cacert = _existing_file(cacert_raw, "VAULT_CACERT")

@@ -37,6 +37,8 @@ RESULTS = ("success", "error")
 LATENCY_BUCKETS = (
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
 )  # fmt: skip
+# Items per transit batch_input call (powers of two up to the coalescer's cap and above).
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
 class Metrics:
@@ -156,6 +158,27 @@ class Metrics:
             ["version"],
             registry=registry,
         )
+        # --- transit mode (REDITUS_SIDECAR_SECRET_SOURCE=transit) ---
+        self.transit_batch_size = Histogram(
+            "reditus_sidecar_transit_batch_size",
+            "Signing inputs per transit HMAC call (concurrent tokens are coalesced).",
+            buckets=BATCH_BUCKETS,
+            registry=registry,
+        )
+        self.transit_call_duration = Histogram(
+            "reditus_sidecar_transit_call_duration_seconds",
+            "Round trip of one transit HMAC call to Vault.",
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.transit_calls = Counter(
+            "reditus_sidecar_transit_calls",
+            "Transit HMAC calls, by result (an error opens the breaker: signing answers 503).",
+            ["result"],
+            registry=registry,
+        )
+        for result in RESULTS:
+            self.transit_calls.labels(result=result)
         self.build_info.labels(version=version).set(1)
         for reason in ERROR_REASONS:
             self.token_errors.labels(reason=reason)

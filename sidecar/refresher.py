@@ -91,6 +91,7 @@ class Refresher:
         if (
             current is not None
             and current.version == material.version
+            and isinstance(current.signer, TokenSigner)
             and current.signer.same_key(signer)
         ):
             self.store.confirm(product)

@@ -17,6 +17,7 @@ import signal
 import socket
 import stat
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, disable_created_metrics
@@ -30,6 +31,9 @@ from .ops import create_ops_app
 from .refresher import Refresher
 from .sources.factory import build_sources
 from .state import SecretStore
+
+if TYPE_CHECKING:
+    from .sources.transit import TransitMode
 
 log = logging.getLogger(__name__)
 
@@ -119,14 +123,22 @@ async def serve(settings: Settings, *, stop: asyncio.Event | None = None) -> int
     store = SecretStore(names, max_staleness=settings.max_staleness)
     metrics.track_readiness(store.ready)
     sources = build_sources(settings, metrics)
-    refresher = Refresher(
-        sources.sources,
-        store,
-        metrics,
-        interval=settings.refresh_interval,
-        backoff_max=settings.backoff_max,
-        token_ttl=settings.token_ttl,
-    )
+    refresher: Refresher | TransitMode
+    if settings.transit is not None:
+        # Transit mode: no secret to refresh; Vault signs, a probe keeps readiness honest.
+        from .sources.transit import TransitMode  # hvac is only imported when used
+
+        refresher = TransitMode(settings, store, metrics)
+        sources.shared.append(refresher.session)
+    else:
+        refresher = Refresher(
+            sources.sources,
+            store,
+            metrics,
+            interval=settings.refresh_interval,
+            backoff_max=settings.backoff_max,
+            token_ttl=settings.token_ttl,
+        )
 
     # One signing app per listener: only the TCP one checks Host (unix clients send anything).
     signing: list[tuple[str, bool]] = []

@@ -57,37 +57,57 @@ def key_length_warning(key: bytes) -> str | None:
     )
 
 
-class TokenSigner:
-    """Signs tokens for one product id with one secret; rebuilt when either changes."""
+class Claims:
+    """The token's header and claims for one product id: everything but the signature.
 
-    __slots__ = (
-        "_hmac",
-        "_key",
-        "_prefix",
-        "_ttl",
-        "key_length_warning",
-        "product_id",
-        "product_id_json",
-    )
+    Shared by the local signer and transit mode (where Vault computes the HMAC)."""
 
-    def __init__(self, product_id: str, secret: Redacted, *, ttl: int = 0) -> None:
+    __slots__ = ("_prefix", "_ttl", "product_id", "product_id_json")
+
+    def __init__(self, product_id: str, *, ttl: int = 0) -> None:
         self.product_id = product_id
-        self._key = key_bytes(secret.reveal())
         self._ttl = ttl
-        # Keyed once per secret; each token copies it (1.5 us instead of 2.0 us for hmac.digest)
-        self._hmac = hmac.new(self._key, digestmod=_DIGEST)
         #: the product id as a JSON string literal, for the API's response body too
         self.product_id_json = json_string(product_id)
         self._prefix = '{"ProductId":' + self.product_id_json + ',"UserId":'
+
+    def signing_input(self, user_id: str, iat: int) -> bytes:
+        """`base64url(header).base64url(payload)`: the bytes the HMAC covers."""
+        claims = self._prefix + json_string(user_id) + ',"iat":' + str(iat)
+        if self._ttl:
+            claims += ',"exp":' + str(iat + self._ttl)
+        return HEADER_SEGMENT + b"." + b64url((claims + "}").encode("utf-8"))
+
+
+class RemoteSigner(Claims):
+    """Claims whose signature someone else computes (Vault's transit engine): the pod
+    never holds the key. `sign_remote` returns the token and the key version used."""
+
+    __slots__ = ()
+
+    async def sign_remote(self, user_id: str, iat: int) -> tuple[str, int]:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(product_id={self.product_id!r}, ttl={self._ttl})"
+
+
+class TokenSigner(Claims):
+    """Signs tokens for one product id with one secret; rebuilt when either changes."""
+
+    __slots__ = ("_hmac", "_key", "key_length_warning")
+
+    def __init__(self, product_id: str, secret: Redacted, *, ttl: int = 0) -> None:
+        super().__init__(product_id, ttl=ttl)
+        self._key = key_bytes(secret.reveal())
+        # Keyed once per secret; each token copies it (1.5 us instead of 2.0 us for hmac.digest)
+        self._hmac = hmac.new(self._key, digestmod=_DIGEST)
         #: RFC 7518's advice on short keys, logged once per secret instead of per token.
         self.key_length_warning = key_length_warning(self._key)
 
     def sign(self, user_id: str, iat: int) -> str:
         """The compact JWS for this user at time `iat` (whole seconds)."""
-        claims = self._prefix + json_string(user_id) + ',"iat":' + str(iat)
-        if self._ttl:
-            claims += ',"exp":' + str(iat + self._ttl)
-        signing_input = HEADER_SEGMENT + b"." + b64url((claims + "}").encode("utf-8"))
+        signing_input = self.signing_input(user_id, iat)
         mac = self._hmac.copy()
         mac.update(signing_input)
         signature = b64url(mac.digest())

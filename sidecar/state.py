@@ -10,14 +10,14 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from .signer import TokenSigner
+from .signer import RemoteSigner, TokenSigner
 
 
 @dataclass(frozen=True)
 class Snapshot:
-    """One loaded secret, ready to sign."""
+    """One loaded secret, ready to sign (or, in transit mode, the key version last seen)."""
 
-    signer: TokenSigner
+    signer: TokenSigner | RemoteSigner
     version: int
     loaded_at: float  # unix time
 

@@ -82,7 +82,7 @@ def test_loopback_listen_addresses_are_accepted(
         ({"REDITUS_SIDECAR_LISTEN": "127.0.0.1"}, "REDITUS_SIDECAR_LISTEN='127.0.0.1': expected HOST:PORT"),
         ({"REDITUS_SIDECAR_LISTEN": "127.0.0.1:99999"}, "port must be between 0 and 65535"),
         ({"REDITUS_SIDECAR_METRICS_LISTEN": "nope"}, "REDITUS_SIDECAR_METRICS_LISTEN='nope': expected HOST:PORT"),
-        ({"REDITUS_SIDECAR_SECRET_SOURCE": "s3"}, "REDITUS_SIDECAR_SECRET_SOURCE='s3': expected one of vault, file"),
+        ({"REDITUS_SIDECAR_SECRET_SOURCE": "s3"}, "REDITUS_SIDECAR_SECRET_SOURCE='s3': expected one of vault, file, transit"),
         ({"REDITUS_SIDECAR_REFRESH_INTERVAL": "0"}, "REDITUS_SIDECAR_REFRESH_INTERVAL='0': must be positive"),
         ({"REDITUS_SIDECAR_REFRESH_INTERVAL": "-5"}, "must be positive"),
         ({"REDITUS_SIDECAR_REFRESH_INTERVAL": "soon"}, "expected a number of seconds"),
@@ -219,11 +219,16 @@ def test_cli_exits_2_with_one_clear_line(command: str, file_env: dict[str, str])
 @pytest.mark.parametrize(
     ("env", "needle"),
     [
-        ({"REDITUS_SIDECAR_SECRET_SOURCE": "consul"}, "REDITUS_SIDECAR_SECRET_SOURCE='consul': expected one of vault, file"),
+        ({"REDITUS_SIDECAR_SECRET_SOURCE": "consul"}, "REDITUS_SIDECAR_SECRET_SOURCE='consul': expected one of vault, file, transit"),
         ({"REDITUS_SIDECAR_SECRET_SOURCE": "vault", "VAULT_ADDR": "http://127.0.0.1:1", "REDITUS_SIDECAR_VAULT_AUTH": "kerberos"}, "REDITUS_SIDECAR_VAULT_AUTH='kerberos'"),
         ({"REDITUS_SIDECAR_REFRESH_INTERVAL": "0"}, "REDITUS_SIDECAR_REFRESH_INTERVAL='0': must be positive"),
         ({"REDITUS_SIDECAR_METRICS_LISTEN": "127.0.0.1:http"}, "REDITUS_SIDECAR_METRICS_LISTEN='127.0.0.1:http': expected HOST:PORT"),
         ({"REDITUS_SIDECAR_SECRET_SOURCE": "vault", "VAULT_ADDR": "http://127.0.0.1:1", "REDITUS_SIDECAR_VAULT_AUTH": "approle", "REDITUS_SIDECAR_VAULT_ROLE_ID": "r", "REDITUS_SIDECAR_VAULT_SECRET_ID_FILE": "/no/such/secret-id"}, "REDITUS_SIDECAR_VAULT_SECRET_ID_FILE='/no/such/secret-id': no such file"),
+        ({"REDITUS_SIDECAR_SECRET_SOURCE": "transit", "VAULT_ADDR": "http://127.0.0.1:1", "VAULT_TOKEN": "t"}, "REDITUS_SIDECAR_PRODUCT_ID: must be set for REDITUS_SIDECAR_SECRET_SOURCE=transit"),
+        ({"REDITUS_SIDECAR_SECRET_SOURCE": "transit", "VAULT_ADDR": "http://127.0.0.1:1", "VAULT_TOKEN": "t", "REDITUS_SIDECAR_PRODUCT_ID": " "}, "REDITUS_SIDECAR_PRODUCT_ID: must be set for REDITUS_SIDECAR_SECRET_SOURCE=transit"),
+        ({"REDITUS_SIDECAR_SECRET_SOURCE": "transit", "REDITUS_SIDECAR_PRODUCT_ID": "p"}, "VAULT_ADDR: must be set for the vault and transit secret sources"),
+        ({"REDITUS_SIDECAR_SECRET_SOURCE": "transit", "VAULT_ADDR": "http://127.0.0.1:1", "VAULT_TOKEN": "t", "REDITUS_SIDECAR_PRODUCT_ID": "p", "REDITUS_SIDECAR_TRANSIT_KEY": "../sys"}, "REDITUS_SIDECAR_TRANSIT_KEY='../sys': expected a Vault path"),
+        ({"REDITUS_SIDECAR_SECRET_SOURCE": "transit", "VAULT_ADDR": "http://127.0.0.1:1", "VAULT_TOKEN": "t", "REDITUS_SIDECAR_PRODUCT_ID": "p", "REDITUS_SIDECAR_TRANSIT_MOUNT": ""}, "REDITUS_SIDECAR_TRANSIT_MOUNT: must not be empty"),
     ],
 )  # fmt: skip
 def test_serve_refuses_bad_values_as_a_process(
@@ -243,3 +248,22 @@ def test_cli_refuses_a_missing_config_file() -> None:
     assert proc.wait(30) == 2
     join_output(proc)
     assert any("--config '/no/such.toml': no such file" in line for line in lines)
+
+
+def test_transit_settings(tmp_path: Path) -> None:
+    env = {
+        "REDITUS_SIDECAR_SECRET_SOURCE": "transit",
+        "VAULT_ADDR": "http://127.0.0.1:8200",
+        "VAULT_TOKEN": "t",
+        "REDITUS_SIDECAR_PRODUCT_ID": " prod-7 ",
+    }
+    transit = load_settings(env).transit
+    assert transit is not None
+    assert (transit.mount, transit.key, transit.product_id) == ("transit", "reditus", "prod-7")
+    nested = {**env, "REDITUS_SIDECAR_TRANSIT_MOUNT": "/team/transit/"}
+    assert load_settings(nested).transit.mount == "team/transit"  # type: ignore[union-attr]
+    assert load_settings({**env, "REDITUS_SIDECAR_SECRET_SOURCE": "vault"}).transit is None
+    config = tmp_path / "sidecar.toml"
+    config.write_text('[products.a]\nkv_path = "a"\n[products.b]\nkv_path = "b"\n')
+    with pytest.raises(ConfigError, match="transit signs for one product"):
+        load_settings({**env, "REDITUS_SIDECAR_CONFIG": str(config)})

@@ -62,6 +62,9 @@ DOCUMENTED_ENV = {
     "REDITUS_SIDECAR_LOG_LEVEL",
     "REDITUS_SIDECAR_LOG_FORMAT",
     "REDITUS_SIDECAR_SHUTDOWN_DELAY",
+    "REDITUS_SIDECAR_TRANSIT_MOUNT",
+    "REDITUS_SIDECAR_TRANSIT_KEY",
+    "REDITUS_SIDECAR_PRODUCT_ID",
 }
 FILE_ENV = (
     "VAULT_CACERT",
@@ -511,6 +514,24 @@ def test_file_source_wiring() -> None:
     assert "reditus-sidecar-sa-token" not in volumes
 
 
+def test_transit_wiring() -> None:
+    spec = pod_spec(rendered("transit-values.yaml"))
+    env = env_of(sidecar_container(spec))
+    assert env["REDITUS_SIDECAR_SECRET_SOURCE"] == "transit"
+    assert env["REDITUS_SIDECAR_TRANSIT_MOUNT"] == "transit-shop"
+    assert env["REDITUS_SIDECAR_TRANSIT_KEY"] == "reditus-shop"
+    assert env["REDITUS_SIDECAR_PRODUCT_ID"] == "prod-7f3a"
+    assert env["VAULT_ADDR"] == "https://vault.vault.svc:8200"
+    assert env["REDITUS_SIDECAR_VAULT_AUTH"] == "kubernetes"
+    assert env["REDITUS_SIDECAR_VAULT_ROLE"] == "reditus-sidecar-transit"
+    assert not [n for n in env if "_KV_" in n or n.endswith(("_SECRET_KEY", "_ID_KEY"))]
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    assert "serviceAccountToken" in volumes["reditus-sidecar-sa-token"]["projected"]["sources"][0]
+    # KV mode sets no transit variables.
+    default_env = env_of(sidecar_container(pod_spec(rendered(None))))
+    assert not [n for n in default_env if "TRANSIT" in n or n.endswith("_PRODUCT_ID")]
+
+
 def test_token_auth_wiring() -> None:
     spec = pod_spec(rendered("plain-container-values.yaml"))
     env = env_of(sidecar_container(spec))
@@ -643,6 +664,8 @@ def test_bundled_rules_and_dashboard_are_copies_of_deploy() -> None:
         ("sidecar.mode=sidecar", "/sidecar/mode"),
         ("sidecar.vault.auth.method=ldap", "/sidecar/vault/auth/method"),
         ("sidecar.source=consul", "/sidecar/source"),
+        ("sidecar.transit.keyy=x", "keyy"),
+        ("sidecar.transit.key=a/b", "/sidecar/transit/key"),
         ("sidecar.listen=0.0.0.0:8787", "/sidecar/listen"),
         ("sidecar.opsPort=70000", "/sidecar/opsPort"),
         ("sidecar.shutdownDelay=-1", "/sidecar/shutdownDelay"),
@@ -674,6 +697,7 @@ def test_schema_rejects_typos_bad_enums_and_exposed_listeners(setting: str, mess
             "only one of",
         ),
         (["sidecar.maxStaleness=10"], "at least sidecar.refreshInterval (30)"),
+        (["sidecar.source=transit"], "sidecar.transit.productId (the product id"),
         (
             ["sidecar.mode=container", "deployment.terminationGracePeriodSeconds=15"],
             "deployment.terminationGracePeriodSeconds (15) must be greater than"

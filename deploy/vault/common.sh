@@ -8,14 +8,29 @@ if [[ -z $cli ]]; then
     exit 1
 fi
 : "${VAULT_ADDR:?$name: set VAULT_ADDR}"
+# SECRET_SOURCE=transit: the policy and variables of transit mode (see setup-transit.sh).
+SECRET_SOURCE=${SECRET_SOURCE:-vault}
 KV_MOUNT=${KV_MOUNT:-secret}
 KV_PATH=${KV_PATH:-reditus}
-POLICY=${POLICY:-reditus-sidecar}
+TRANSIT_MOUNT=${TRANSIT_MOUNT:-transit}
+TRANSIT_KEY=${TRANSIT_KEY:-reditus}
+if [[ $SECRET_SOURCE == transit ]]; then
+    POLICY=${POLICY:-reditus-sidecar-transit}
+else
+    POLICY=${POLICY:-reditus-sidecar}
+fi
 ROLE=${ROLE:-reditus-sidecar}
 
-# write_policy: reditus-sidecar.hcl names secret/data/reditus; point it at the configured
-# secret and write it as POLICY.
+# write_policy: reditus-sidecar.hcl names secret/data/reditus (reditus-sidecar-transit.hcl
+# transit/hmac/reditus/sha2-512); point it at the configured place and write it as POLICY.
 write_policy() {
+    if [[ $SECRET_SOURCE == transit ]]; then
+        local hmac_path="${TRANSIT_MOUNT}/hmac/${TRANSIT_KEY}/sha2-512"
+        sed "s#\"transit/hmac/reditus/sha2-512\"#\"${hmac_path}\"#" \
+            "$here/reditus-sidecar-transit.hcl" | "$cli" policy write "$POLICY" - >/dev/null
+        echo "policy $POLICY: update on $hmac_path" >&2
+        return
+    fi
     sed "s#\"secret/data/reditus\"#\"${KV_MOUNT}/data/${KV_PATH}\"#" "$here/reditus-sidecar.hcl" \
         | "$cli" policy write "$POLICY" - >/dev/null
     echo "policy $POLICY: read on ${KV_MOUNT}/data/${KV_PATH}" >&2
@@ -38,6 +53,17 @@ print_env() {
     echo "REDITUS_SIDECAR_VAULT_AUTH_MOUNT=$AUTH_MOUNT"
     shift
     printf 'REDITUS_SIDECAR_%s\n' "$@"
-    echo "REDITUS_SIDECAR_KV_MOUNT=$KV_MOUNT"
-    echo "REDITUS_SIDECAR_KV_PATH=$KV_PATH"
+    print_source_env
+}
+
+# print_source_env: where the secret is, as the sidecar's variables.
+print_source_env() {
+    if [[ $SECRET_SOURCE == transit ]]; then
+        echo "REDITUS_SIDECAR_SECRET_SOURCE=transit"
+        echo "REDITUS_SIDECAR_TRANSIT_MOUNT=$TRANSIT_MOUNT"
+        echo "REDITUS_SIDECAR_TRANSIT_KEY=$TRANSIT_KEY"
+    else
+        echo "REDITUS_SIDECAR_KV_MOUNT=$KV_MOUNT"
+        echo "REDITUS_SIDECAR_KV_PATH=$KV_PATH"
+    fi
 }

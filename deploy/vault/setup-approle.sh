@@ -12,6 +12,9 @@
 #   KV_MOUNT [secret]         KV v2 mount holding the product secret
 #   KV_PATH [reditus]         path of the product secret inside that mount
 #   POLICY [reditus-sidecar]  name of the policy written from reditus-sidecar.hcl
+#   SECRET_SOURCE [vault]     transit: write and bind reditus-sidecar-transit.hcl instead
+#                             (POLICY defaults to reditus-sidecar-transit; TRANSIT_MOUNT
+#                             [transit] and TRANSIT_KEY [reditus] name the key)
 #   AUTH_MOUNT [approle]      path AppRole is (or gets) enabled at
 #   ROLE [reditus-sidecar]    AppRole role name
 #   TOKEN_TTL [1h]            lifetime of the sidecar's tokens (it renews at 2/3 of it)

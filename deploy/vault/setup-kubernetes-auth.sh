@@ -24,6 +24,9 @@
 #   AUDIENCE [unset]           required `aud` of the service-account token, if any
 #   KV_MOUNT [secret], KV_PATH [reditus]   where the product secret lives (KV v2)
 #   POLICY [reditus-sidecar]   name of the policy written from reditus-sidecar.hcl
+#   SECRET_SOURCE [vault]      transit: write and bind reditus-sidecar-transit.hcl instead
+#                              (POLICY defaults to reditus-sidecar-transit; TRANSIT_MOUNT
+#                              [transit] and TRANSIT_KEY [reditus] name the key)
 #   AUTH_MOUNT [kubernetes]    path the Kubernetes method is (or gets) enabled at
 #   ROLE [reditus-sidecar]     role name (REDITUS_SIDECAR_VAULT_ROLE)
 #   TOKEN_TTL [1h], TOKEN_MAX_TTL [24h]   the sidecar renews at 2/3, logs in again after

@@ -53,6 +53,8 @@ def build_sources(settings: Settings, metrics: Metrics | None = None) -> SourceS
                 secret_key=product.secret_key,
             )
         return SourceSet(sources)
+    if settings.secret_source == "transit":
+        return SourceSet({})  # nothing to read: the transit mode owns its Vault session
     from .vault import VaultSession, VaultSource  # hvac is only imported when used
 
     session = VaultSession(settings.vault, metrics, backoff_max=settings.backoff_max)

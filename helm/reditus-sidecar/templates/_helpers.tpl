@@ -141,7 +141,10 @@ checks single values; this checks how they fit together). Returns nothing otherw
 {{- if and (gt (int $sc.maxStaleness) 0) (lt (int $sc.maxStaleness) (int $sc.refreshInterval)) }}
 {{- fail (printf "sidecar.maxStaleness (%d) must be 0 (off) or at least sidecar.refreshInterval (%d): the sidecar refuses to start otherwise" (int $sc.maxStaleness) (int $sc.refreshInterval)) }}
 {{- end }}
-{{- if eq $sc.source "vault" }}
+{{- if and (eq $sc.source "transit") (not $sc.transit.productId) }}
+{{- fail "sidecar.transit.productId (the product id from the Reditus dashboard) is required when sidecar.source is transit: the transit key holds only the secret" }}
+{{- end }}
+{{- if has $sc.source (list "vault" "transit") }}
 {{- $auth := $sc.vault.auth }}
 {{- if and (has $auth.method (list "kubernetes" "jwt")) (not $auth.role) }}
 {{- fail (printf "sidecar.vault.auth.role is required for the %s auth method" $auth.method) }}
@@ -168,7 +171,8 @@ checks single values; this checks how they fit together). Returns nothing otherw
 
 {{/*
 reditus-sidecar.env: the sidecar's environment (list of EnvVar), one variable per
-documented setting of the README; Vault settings only when the source is vault, the
+documented setting of the README; Vault settings only when the source is vault or transit
+(KV location for vault, transit key and product id for transit), the
 shutdown delay only when it is on.
 */}}
 {{- define "reditus-sidecar.env" -}}
@@ -243,6 +247,14 @@ shutdown delay only when it is on.
 {{- end }}
 - name: REDITUS_SIDECAR_REVOKE_ON_SHUTDOWN
   value: {{ $v.revokeOnShutdown | toString | quote }}
+{{- if eq $sc.source "transit" }}
+- name: REDITUS_SIDECAR_TRANSIT_MOUNT
+  value: {{ $sc.transit.mount | quote }}
+- name: REDITUS_SIDECAR_TRANSIT_KEY
+  value: {{ $sc.transit.key | quote }}
+- name: REDITUS_SIDECAR_PRODUCT_ID
+  value: {{ $sc.transit.productId | quote }}
+{{- else }}
 - name: REDITUS_SIDECAR_KV_MOUNT
   value: {{ $v.kv.mount | quote }}
 - name: REDITUS_SIDECAR_KV_PATH
@@ -251,6 +263,7 @@ shutdown delay only when it is on.
   value: {{ $v.kv.productIdKey | quote }}
 - name: REDITUS_SIDECAR_SECRET_KEY
   value: {{ $v.kv.secretKey | quote }}
+{{- end }}
 {{- end }}
 - name: REDITUS_SIDECAR_REFRESH_INTERVAL
   value: {{ $sc.refreshInterval | toString | quote }}
@@ -284,7 +297,7 @@ files its auth method needs, the Vault CA, the socket directory and extraVolumeM
 {{- $sc := .Values.sidecar -}}
 - name: reditus-sidecar-tmp
   mountPath: /tmp
-{{- if eq $sc.source "vault" }}
+{{- if has $sc.source (list "vault" "transit") }}
 {{- $auth := $sc.vault.auth }}
 {{- if has $auth.method (list "kubernetes" "jwt") }}
 - name: reditus-sidecar-sa-token
@@ -334,7 +347,7 @@ Include it in the pod's volumes next to your own when embedding the sidecar.
   emptyDir:
     medium: Memory
     sizeLimit: {{ $sc.tmpSizeLimit }}
-{{- if eq $sc.source "vault" }}
+{{- if has $sc.source (list "vault" "transit") }}
 {{- $auth := $sc.vault.auth }}
 {{- if has $auth.method (list "kubernetes" "jwt") }}
 - name: reditus-sidecar-sa-token

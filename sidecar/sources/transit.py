@@ -1,0 +1,328 @@
+"""Transit mode: the product secret lives only in a Vault transit key of type `hmac`
+(imported, non-exportable); Vault computes each token's HMAC-SHA512 and the pod never
+holds the secret.
+
+Login, renewal and re-login are the shared `VaultSession`'s. Concurrent tokens are
+coalesced into `batch_input` calls (`Coalescer`): one call at a time carries up to
+`MAX_BATCH` signing inputs, and a failed or hung call opens a breaker so requests are
+refused at once instead of queueing behind a dead Vault. A probe every refresh interval
+keeps `/readyz` and the key-version metric honest when no tokens are asked for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import logging
+import random
+import re
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from ..coalescer import Coalescer
+from ..config import DEFAULT_PRODUCT, Settings, TransitSettings
+from ..errors import SecretInvalid, SecretUnavailable, SourceError
+from ..refresher import JITTER
+from ..signer import RemoteSigner, b64url
+from ..state import SecretStore, Snapshot
+from .vault import VaultSession
+from .vault_client import VaultHTTPError, VaultPermissionDenied
+
+if TYPE_CHECKING:
+    from ..metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+# Chosen by measurement (README "Performance"): one call in flight carrying up to 64
+# inputs keeps OpenBao's and our per-call costs (a thread, an HTTP round trip, JSON) off
+# the per-token path; a second call in flight bought nothing on two cores.
+MAX_BATCH = 64
+MAX_IN_FLIGHT = 1
+#: What the readiness probe asks Vault to MAC: not a JWT (no dots), so its MAC signs nothing.
+PROBE_INPUT = b"reditus-sidecar transit probe"
+_HMAC = re.compile(r"^vault:v(\d+):([A-Za-z0-9+/]+={0,2})$")
+_SHA512_BYTES = 64
+
+Outcome = tuple[bytes, int] | SourceError  # (base64url signature, key version) or the error
+
+
+def parse_hmac(value: object) -> tuple[bytes, int]:
+    """`vault:vN:<std base64>` -> (base64url signature without padding, N)."""
+    match = _HMAC.match(value) if isinstance(value, str) else None
+    if match is None:
+        raise SecretInvalid("Vault's transit answer is not an HMAC of the form vault:vN:...")
+    try:
+        digest = base64.b64decode(match.group(2), validate=True)
+    except binascii.Error:
+        raise SecretInvalid("Vault's transit answer is not valid base64") from None
+    if len(digest) != _SHA512_BYTES:
+        raise SecretInvalid(
+            f"Vault's transit HMAC is {len(digest)} bytes, not 64: is the algorithm sha2-512?"
+        )
+    return b64url(digest), int(match.group(1))
+
+
+class TransitClient:
+    """`POST MOUNT/hmac/KEY/sha2-512` with `batch_input`, through the shared session."""
+
+    def __init__(self, session: VaultSession, settings: TransitSettings) -> None:
+        self.session = session
+        self.settings = settings
+        self.path = f"/v1/{settings.mount}/hmac/{settings.key}/sha2-512"
+        self.description = f"vault transit {settings.mount}/keys/{settings.key}"
+
+    async def hmac(self, inputs: Sequence[bytes]) -> list[Outcome]:
+        """One outcome per input; raises `SourceError` when the whole call failed."""
+        body = {"batch_input": [{"input": base64.b64encode(data).decode()} for data in inputs]}
+        state = await self.session.token()
+        try:
+            return self._outcomes(await self._post(state.token.reveal(), body), len(inputs))
+        except VaultHTTPError as exc:
+            if exc.status != 403:
+                return self._outcomes_or_raise(exc, len(inputs))
+        log.info(
+            "permission denied by transit; logging in again",
+            extra={"source": self.description, "method": self.session.auth.method},
+        )
+        state = await self.session.login(stale=state)
+        try:
+            return self._outcomes(await self._post(state.token.reveal(), body), len(inputs))
+        except VaultHTTPError as exc:
+            return self._outcomes_or_raise(exc, len(inputs))
+
+    async def _post(self, token: str, body: dict[str, Any]) -> Any:
+        path = self.path
+        return await self.session.transport.call(
+            lambda c: c.adapter.post(url=path, json=body), token=token
+        )
+
+    def _outcomes_or_raise(self, exc: VaultHTTPError, count: int) -> list[Outcome]:
+        """Vault answers 400 when every item of a batch failed: still one error per item."""
+        if exc.status == 400 and isinstance(exc.body, dict):
+            with contextlib.suppress(SecretInvalid):
+                return self._outcomes(exc.body, count)
+        raise transit_error(exc, self.settings) from None
+
+    def _outcomes(self, response: Any, count: int) -> list[Outcome]:
+        data = response.get("data") if isinstance(response, dict) else None
+        results = data.get("batch_results") if isinstance(data, dict) else None
+        if not isinstance(results, list) or len(results) != count:
+            raise SecretInvalid(f"{self.description}: the answer has no batch_results for us")
+        outcomes: list[Outcome] = []
+        for item in results:
+            error = item.get("error") if isinstance(item, dict) else "not an object"
+            if error:
+                outcomes.append(SecretUnavailable(f"{self.description}: {str(error)[:200]}"))
+                continue
+            try:
+                outcomes.append(parse_hmac(item.get("hmac")))
+            except SecretInvalid as exc:
+                outcomes.append(exc)
+        return outcomes
+
+
+def transit_error(exc: VaultHTTPError, settings: TransitSettings) -> SourceError:
+    """An operator-facing error for a failed transit call."""
+    where = f"vault transit {settings.mount}/keys/{settings.key}"
+    path = f"{settings.mount}/hmac/{settings.key}/sha2-512"
+    if exc.status == 403:
+        return VaultPermissionDenied(
+            f"{where}: permission denied (HTTP 403): the token's policies must allow "
+            f'"update" on path "{path}" (see deploy/vault/reditus-sidecar-transit.hcl)'
+        )
+    if exc.status in (400, 404):
+        return SecretUnavailable(
+            f"{where}: Vault refused the HMAC (HTTP {exc.status}: {exc.said()}): check "
+            f"REDITUS_SIDECAR_TRANSIT_MOUNT ({settings.mount!r}) and "
+            f"REDITUS_SIDECAR_TRANSIT_KEY ({settings.key!r}), and that the key has type hmac",
+            retry_after=exc.retry_after,
+        )
+    return SecretUnavailable(
+        f"{where}: Vault answered HTTP {exc.status} ({exc.said()})", retry_after=exc.retry_after
+    )
+
+
+class TransitSigner(RemoteSigner):
+    """Tokens whose HMAC the coalescer gets from transit; nothing secret in the pod."""
+
+    __slots__ = ("_coalescer",)
+
+    def __init__(
+        self, product_id: str, coalescer: Coalescer[bytes, tuple[bytes, int]], *, ttl: int = 0
+    ) -> None:
+        super().__init__(product_id, ttl=ttl)
+        self._coalescer = coalescer
+
+    async def sign_remote(self, user_id: str, iat: int) -> tuple[str, int]:
+        signing_input = self.signing_input(user_id, iat)
+        signature, version = await self._coalescer.submit(signing_input)
+        return (signing_input + b"." + signature).decode("ascii"), version
+
+
+class TransitMode:
+    """Transit signing for the one product: the session, the coalescer, the probe, and
+    what the store and metrics say (it stands where the refresher stands in KV mode)."""
+
+    product = DEFAULT_PRODUCT
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: SecretStore,
+        metrics: Metrics | None = None,
+        *,
+        session: VaultSession | None = None,
+        max_batch: int | None = None,
+        max_in_flight: int | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        assert settings.transit is not None  # checked by load_settings
+        self.settings = settings
+        self.store = store
+        self.metrics = metrics
+        self.interval = settings.refresh_interval
+        self.session = session or VaultSession(
+            settings.vault, metrics, backoff_max=settings.backoff_max
+        )
+        self.client = TransitClient(self.session, settings.transit)
+        self.description = self.client.description
+        self.coalescer: Coalescer[bytes, tuple[bytes, int]] = Coalescer(
+            self._call,
+            max_batch=max_batch or MAX_BATCH,
+            max_in_flight=max_in_flight or MAX_IN_FLIGHT,
+            backoff_max=settings.backoff_max,
+            rng=rng,
+        )
+        self.signer = TransitSigner(
+            settings.transit.product_id, self.coalescer, ttl=settings.token_ttl
+        )
+        self._rng = rng or random.Random()  # noqa: S311 - jitter, not cryptography
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._next_probe = 0.0
+        if metrics is not None:
+            self._batch_size = metrics.transit_batch_size
+            self._call_duration = metrics.transit_call_duration
+            self._calls = {r: metrics.transit_calls.labels(result=r) for r in ("success", "error")}
+
+    # --- the batch call ---------------------------------------------------------------
+
+    async def _call(self, inputs: list[bytes]) -> list[Outcome]:
+        started = time.perf_counter()
+        try:
+            outcomes = await self.client.hmac(inputs)
+        except SourceError:
+            self._observe(len(inputs), started, "error")
+            raise
+        self._observe(len(inputs), started, "success")
+        versions = [o[1] for o in outcomes if isinstance(o, tuple)]
+        if versions:
+            self._seen(max(versions))
+        return outcomes
+
+    def _observe(self, size: int, started: float, result: str) -> None:
+        if self.metrics is not None:
+            self._batch_size.observe(size)
+            self._call_duration.observe(time.perf_counter() - started)
+            self._calls[result].inc()
+
+    def _seen(self, version: int) -> bool:
+        """Vault signed with key `version`: the store is confirmed; True if it changed."""
+        current = self.store.peek(self.product)
+        now = time.time()
+        if self.metrics is not None:
+            self.metrics.secret_last_success.labels(product=self.product).set(now)
+        if current is not None and current.version >= version:
+            self.store.confirm(self.product)
+            return False
+        self.store.replace(self.product, Snapshot(self.signer, version=version, loaded_at=now))
+        if self.metrics is not None:
+            self.metrics.secret_version.labels(product=self.product).set(version)
+            self.metrics.secret_loaded.labels(product=self.product).set(now)
+        log.info(
+            "transit key in use" if current is None else "transit key rotated",
+            extra={
+                "product": self.product,
+                "product_id": self.signer.product_id,
+                "source": self.description,
+                "version": version,
+                "previous_version": current.version if current else None,
+            },
+        )
+        return True
+
+    # --- the probe --------------------------------------------------------------------
+
+    async def probe(self) -> bool:
+        """One cheap HMAC through the coalescer (it shares a batch with any traffic)."""
+        previous = self.store.peek(self.product)
+        try:
+            _, version = await self.coalescer.submit(PROBE_INPUT)
+        except SourceError as exc:
+            self._count_probe("error")
+            log.warning(
+                "transit probe failed",
+                extra={"product": self.product, "source": self.description, "error": str(exc)},
+            )
+            return False
+        changed = previous is None or previous.version != version
+        self._count_probe("changed" if changed else "unchanged")
+        return True
+
+    def _count_probe(self, result: str) -> None:
+        if self.metrics is not None:
+            self.metrics.secret_refresh.labels(product=self.product, result=result).inc()
+
+    async def _loop(self) -> None:
+        while True:
+            self._wake.clear()
+            if await self.probe():
+                delay = self.interval * self._rng.uniform(1 - JITTER, 1 + JITTER)
+            else:
+                delay = max(0.05, self.coalescer.refused_for())
+            self._next_probe = time.monotonic() + delay
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=delay)
+
+    # --- the refresher's interface for the server ---------------------------------------
+
+    def retry_after(self, _product: str) -> int:
+        """Whole seconds until signing may work again (for Retry-After)."""
+        wait = self.coalescer.refused_for() or (self._next_probe - time.monotonic())
+        return max(1, min(int(self.settings.backoff_max), round(wait)))
+
+    def refresh_now(self) -> None:
+        """SIGHUP: probe now (shows a new key version without waiting for traffic)."""
+        log.info("refresh requested")
+        self._wake.set()
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._loop(), name="transit")
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self.coalescer.close()
+
+
+async def sign_once(settings: Settings, user_id: str | None, iat: int) -> tuple[str, int]:
+    """For `check` and `sign`: one HMAC from transit (the probe input when `user_id` is
+    None); returns (token or "", key version)."""
+    store = SecretStore([DEFAULT_PRODUCT])
+    mode = TransitMode(settings, store)
+    await mode.session.start()
+    try:
+        if user_id is None:
+            _, version = await mode.coalescer.submit(PROBE_INPUT)
+            return "", version
+        return await mode.signer.sign_remote(user_id, iat)
+    finally:
+        await mode.stop()
+        await mode.session.close()

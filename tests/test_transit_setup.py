@@ -1,0 +1,185 @@
+"""deploy/vault/ for transit mode against a real OpenBao: setup-transit.sh enables the
+engine, imports the secret as a non-exportable HMAC key (never echoing it), rotates with
+ROTATE=true, and writes a policy that is enough for the sidecar and refuses the rest.
+"""
+
+from __future__ import annotations
+
+import base64
+import hmac
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import hvac
+import hvac.exceptions
+import pytest
+
+from sidecar.sources.transit import TransitMode
+from sidecar.state import SecretStore
+from tests.openbao import Bao, unique
+from tests.support import ROOT, base_env
+
+DEPLOY = ROOT / "deploy" / "vault"
+SECRET = "setup-secret-\u00e9-" + "s" * 60
+NEW = "setup-rotated-" + "r" * 60
+
+
+def run_setup(
+    env: dict[str, str], stdin: str | None = None, script: str = "setup-transit.sh"
+) -> subprocess.CompletedProcess[str]:
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    result = subprocess.run(
+        ["bash", str(DEPLOY / script)],
+        env=base_env(PATH=path, **env),
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    return result
+
+
+async def sign_probe(openbao: Bao, token: str, mount: str, key: str) -> tuple[bytes, int]:
+    """One HMAC through the sidecar's own transit client, as `token`."""
+    settings = openbao.settings(
+        VAULT_TOKEN=token,
+        REDITUS_SIDECAR_SECRET_SOURCE="transit",
+        REDITUS_SIDECAR_TRANSIT_MOUNT=mount,
+        REDITUS_SIDECAR_TRANSIT_KEY=key,
+        REDITUS_SIDECAR_PRODUCT_ID="prod-setup",
+    )
+    mode = TransitMode(settings, SecretStore(["default"]))
+    try:
+        [outcome] = await mode.client.hmac([b"header.payload"])
+    finally:
+        await mode.stop()
+        await mode.session.close()
+    assert isinstance(outcome, tuple), outcome
+    return outcome
+
+
+def expected(secret: str) -> bytes:
+    digest = hmac.digest(secret.encode(), b"header.payload", "sha512")
+    return base64.urlsafe_b64encode(digest).rstrip(b"=")
+
+
+async def test_setup_transit_script(openbao: Bao, tmp_path: Path) -> None:
+    mount, key, policy = unique("transit"), unique("key"), unique("policy")
+    secret_file = tmp_path / "secret"
+    secret_file.write_text(SECRET + "\n")  # as an editor leaves it
+    env = {
+        **openbao.server.env(),
+        "HOME": str(tmp_path),
+        "TRANSIT_MOUNT": mount,
+        "TRANSIT_KEY": key,
+        "POLICY": policy,
+        "SECRET_FILE": str(secret_file),
+    }
+    first = run_setup(env)
+    again = run_setup(env)  # idempotent: the key is left alone
+    assert "left alone" in again.stderr
+    values = dict(line.split("=", 1) for line in first.stdout.splitlines())
+    assert values == {
+        "REDITUS_SIDECAR_SECRET_SOURCE": "transit",
+        "REDITUS_SIDECAR_TRANSIT_MOUNT": mount,
+        "REDITUS_SIDECAR_TRANSIT_KEY": key,
+    }
+    root = openbao.root()
+    config = root.adapter.get(f"/v1/{mount}/keys/{key}")["data"]
+    assert (config["type"], config["exportable"], config["latest_version"]) == ("hmac", False, 1)
+    token = openbao.token([policy], ttl="10m")
+    assert await sign_probe(openbao, token, mount, key) == (expected(SECRET), 1)
+
+    # ROTATE=true, the new secret on stdin: version 2 signs from now on.
+    rotate = {k: v for k, v in env.items() if k != "SECRET_FILE"}
+    rotated = run_setup({**rotate, "ROTATE": "true"}, stdin=NEW)
+    assert await sign_probe(openbao, token, mount, key) == (expected(NEW), 2)
+    for result in (first, again, rotated):
+        for secret in (SECRET, NEW, base64.b64encode(SECRET.encode()).decode()):
+            assert secret not in result.stdout + result.stderr
+
+
+@pytest.fixture(scope="module")
+def transit_token(openbao: Bao, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str, str]:
+    """(mount, key, token holding only the deployed transit policy for that key)."""
+    mount, key, policy = unique("transit"), unique("key"), unique("policy")
+    env = {
+        **openbao.server.env(),
+        "HOME": str(tmp_path_factory.mktemp("home")),
+        "TRANSIT_MOUNT": mount,
+        "TRANSIT_KEY": key,
+        "POLICY": policy,
+    }
+    run_setup(env, stdin=SECRET)
+    run_setup({**env, "TRANSIT_KEY": "other", "POLICY": unique("policy")}, stdin=SECRET)
+    return mount, key, openbao.token([policy], ttl="10m")
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "payload"),
+    [
+        ("POST", "{mount}/hmac/{key}/sha2-256", {"input": "eA=="}),
+        ("POST", "{mount}/hmac/{key}", {"input": "eA=="}),
+        ("POST", "{mount}/hmac/other/sha2-512", {"input": "eA=="}),
+        ("POST", "{mount}/verify/{key}/sha2-512", {"input": "eA==", "hmac": "vault:v1:eA=="}),
+        ("GET", "{mount}/keys/{key}", None),
+        ("GET", "{mount}/export/hmac-key/{key}", None),
+        ("POST", "{mount}/keys/{key}/rotate", {}),
+        ("POST", "{mount}/keys/{key}/config", {"exportable": True}),
+        ("POST", "{mount}/keys/{key}/import_version", {"ciphertext": "eA=="}),
+        ("DELETE", "{mount}/keys/{key}", None),
+        ("LIST", "{mount}/keys", None),
+        ("GET", "{mount}/wrapping_key", None),
+        ("GET", "secret/data/reditus", None),
+    ],
+)
+def test_transit_policy_refuses_everything_else(
+    openbao: Bao, transit_token: tuple[str, str, str], method: str, path: str, payload: object
+) -> None:
+    mount, key, token = transit_token
+    client = hvac.Client(url=openbao.addr, token=token, cert=(), verify=True, timeout=5)
+    with pytest.raises(hvac.exceptions.Forbidden):
+        client.adapter.request(method, "/v1/" + path.format(mount=mount, key=key), json=payload)
+
+
+async def test_transit_policy_is_enough_for_the_sidecar(
+    openbao: Bao, transit_token: tuple[str, str, str]
+) -> None:
+    mount, key, token = transit_token
+    assert await sign_probe(openbao, token, mount, key) == (expected(SECRET), 1)
+
+
+async def test_approle_setup_binds_the_transit_policy(
+    openbao: Bao, transit_token: tuple[str, str, str], tmp_path: Path
+) -> None:
+    mount, key, _ = transit_token
+    secret_id_file = tmp_path / "secret-id"
+    env = {
+        **openbao.server.env(),
+        "HOME": str(tmp_path),
+        "SECRET_SOURCE": "transit",
+        "TRANSIT_MOUNT": mount,
+        "TRANSIT_KEY": key,
+        "AUTH_MOUNT": unique("approle"),
+        "POLICY": unique("policy"),
+        "SECRET_ID_FILE": str(secret_id_file),
+    }
+    result = run_setup(env, script="setup-approle.sh")
+    values = dict(line.split("=", 1) for line in result.stdout.splitlines())
+    assert values["REDITUS_SIDECAR_SECRET_SOURCE"] == "transit"
+    assert values["REDITUS_SIDECAR_TRANSIT_KEY"] == key
+    assert not [name for name in values if "_KV_" in name]
+    login = openbao.root().auth.approle.login(
+        values["REDITUS_SIDECAR_VAULT_ROLE_ID"],
+        secret_id_file.read_text().strip(),
+        mount_point=env["AUTH_MOUNT"],
+    )
+    token = login["auth"]["client_token"]
+    assert await sign_probe(openbao, token, mount, key) == (expected(SECRET), 1)
+    client = hvac.Client(url=openbao.addr, token=token, cert=(), verify=True, timeout=5)
+    with pytest.raises(hvac.exceptions.Forbidden):
+        client.secrets.kv.v2.read_secret_version("reditus", raise_on_deleted_version=True)
