@@ -106,7 +106,7 @@ def test_a_hung_vault_does_not_hold_up_the_exit(tmp_path) -> None:
         hung = Bao(server)
         role, env = approle_env(hung, tmp_path)
         with vault_sidecar(hung.addr, **env) as sidecar:
-            (accessor,) = accessors_of_role(hung, role)
+            assert accessors_of_role(hung, role)  # logged in before Vault hangs
             server.pause()
             try:
                 # a generous bound: the revocation gives up after min(2 s, VAULT_TIMEOUT=1 s)
@@ -117,4 +117,5 @@ def test_a_hung_vault_does_not_hold_up_the_exit(tmp_path) -> None:
         assert "revoking the Vault token at shutdown timed out; it lapses at its TTL" in messages(
             sidecar
         )
-        assert alive(hung, accessor)  # it was not revoked: it lapses at its TTL
+        # Whether the token survives is not asserted: the revoke-self request was already
+        # sent, and the resumed server may still carry it out after the sidecar is gone.
