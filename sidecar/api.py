@@ -21,9 +21,11 @@ from typing import Any
 
 from aiohttp import web
 
+from .audit import AuditLog
+from .callers import CallerPolicy, caller_of
 from .config import DEFAULT_PRODUCT
 from .metrics import ENDPOINTS, ERROR_REASONS, Metrics
-from .state import SecretStore
+from .state import SecretStore, Snapshot
 
 log = logging.getLogger(__name__)
 
@@ -195,8 +197,15 @@ class TokenHandler:
         retry_after: Callable[[str], int] = lambda _product: 1,
         body_timeout: float = BODY_TIMEOUT,
         check_host: bool = True,
+        callers: CallerPolicy | None = None,
+        audit: AuditLog | None = None,
     ) -> None:
         self.store = store
+        self.callers = callers
+        self.audit = audit
+        # the audit's caller when the kernel gave no credentials: TCP, or a unix peer whose
+        # SO_PEERCRED could not be read (not seen in practice)
+        self._unidentified = "tcp" if check_host else "unknown"
         self.check_host = check_host
         self.body_timeout = body_timeout
         self.require_header = require_header
@@ -268,6 +277,8 @@ class TokenHandler:
             raise ApiError(
                 405, "method_not_allowed", f"use POST {TOKEN_PATH}", headers={"Allow": "POST"}
             )
+        if self.callers is not None:
+            self._check_caller(request)
         headers = request.headers
         if self.require_header:
             marks = headers.getall("X-Sidecar-Request", ())
@@ -319,6 +330,9 @@ class TokenHandler:
             )
         iat = int(self.clock())
         token = snapshot.signer.sign(user_id, iat)
+        version = snapshot.version  # what the signing path reports, for the audit record
+        if self.audit is not None:
+            await self._audit(request, request_id, product, snapshot, version, iat, user_id)
         self._issued[product].inc()
         if log.isEnabledFor(logging.DEBUG):
             log.debug("token issued", extra={"request_id": request_id, "product": product})
@@ -342,6 +356,50 @@ class TokenHandler:
             },
         )
 
+    def _check_caller(self, request: web.Request) -> None:
+        """403 unless the kernel identified the peer and the allow-list admits it."""
+        assert self.callers is not None
+        caller = caller_of(request)
+        if self.callers.allows(caller):
+            return
+        if caller is None:
+            text = (
+                "callers on this listener cannot be identified and an allow-list is set; "
+                "sign on the unix socket"
+            )
+        else:
+            text = f"uid {caller.uid} and gid {caller.gid} are not allowed to sign"
+        raise ApiError(403, "caller_not_allowed", text)
+
+    async def _audit(
+        self,
+        request: web.Request,
+        request_id: str,
+        product: str,
+        snapshot: Snapshot,
+        version: int | str,
+        iat: int,
+        user_id: str,
+    ) -> None:
+        """Queue the issuance record; failing closed, wait until it is written."""
+        assert self.audit is not None
+        pending = self.audit.submit(
+            request_id=request_id,
+            product=product,
+            product_id=snapshot.signer.product_id,
+            version=version,
+            issued_at=iat,
+            caller=caller_of(request) or self._unidentified,
+            user_id=user_id,
+        )
+        if pending is not None and not await pending:
+            raise ApiError(
+                503,
+                "audit_unavailable",
+                "the issuance audit cannot be written; no token is issued without its record",
+                headers={"Retry-After": "1"},
+            )
+
 
 TOKEN_HANDLER = web.AppKey("token_handler", TokenHandler)
 
@@ -355,6 +413,8 @@ def create_api_app(
     retry_after: Callable[[str], int] = lambda _product: 1,
     body_timeout: float = BODY_TIMEOUT,
     check_host: bool = True,
+    callers: CallerPolicy | None = None,
+    audit: AuditLog | None = None,
 ) -> web.Application:
     """The signing application; every path goes to one handler so the check order holds.
 
@@ -368,6 +428,8 @@ def create_api_app(
         retry_after=retry_after,
         body_timeout=body_timeout,
         check_host=check_host,
+        callers=callers,
+        audit=audit,
     )
     # The token path first: aiohttp finds a fixed path by dict lookup, while the catch-all
     # is a regex tried per request. Both go to the same handler, so the check order holds.

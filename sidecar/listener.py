@@ -25,6 +25,7 @@ from typing import Any
 from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
 
+from .callers import Caller, peer_credentials
 from .metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -126,6 +127,8 @@ class _BoundedHandler(web.RequestHandler):
         super().__init__(listener.runner_server, **kwargs)
         self._listener = listener
         self._admitted = False
+        #: the unix-socket peer's credentials, read once at connect (None on TCP)
+        self.caller: Caller | None = None
 
     @property
     def in_request(self) -> bool:
@@ -138,6 +141,8 @@ class _BoundedHandler(web.RequestHandler):
             transport.close()
             return
         self._admitted = True
+        if self._listener.identify:
+            self.caller = peer_credentials(transport.get_extra_info("socket"))
         super().connection_made(transport)
 
     def connection_lost(self, exc: BaseException | None) -> None:
@@ -189,6 +194,8 @@ class Listener:
         self._open: dict[_BoundedHandler, None] = {}  # in order of arrival
         metrics.http_connections.labels(listener=name).set_function(lambda: len(self._open))
         self._server: asyncio.Server | None = None
+        #: read each connection's peer credentials (set for the unix socket)
+        self.identify = False
         self._handler_args: dict[str, Any] = {
             "loop": asyncio.get_running_loop(),
             "keepalive_timeout": limits.idle_timeout,
@@ -227,6 +234,7 @@ class Listener:
     async def start_socket(self, sock: socket.socket) -> None:
         """Serve on a socket bound and listening already (the unix socket)."""
         loop = asyncio.get_running_loop()
+        self.identify = True
         self._server = await loop.create_unix_server(self._protocol, sock=sock)
 
     @property

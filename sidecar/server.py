@@ -22,6 +22,7 @@ from prometheus_client import CollectorRegistry, disable_created_metrics
 
 from . import __version__
 from .api import TOKEN_HANDLER, TokenHandler, create_api_app
+from .audit import AuditLog
 from .config import Settings
 from .listener import OPS_LIMITS, SIGNING_LIMITS, Listener, raise_fd_limit, signing_limits
 from .metrics import Metrics
@@ -134,6 +135,7 @@ async def serve(settings: Settings, *, stop: asyncio.Event | None = None) -> int
     if settings.unix_socket is not None:
         signing.append(("signing_unix", False))
     limits = signing_limits(fd_limit, len(signing))
+    audit = AuditLog(settings.audit, metrics) if settings.audit is not None else None
     runners: dict[str, web.AppRunner] = {}
     handlers: list[TokenHandler] = []
     for name, check_host in signing:
@@ -143,6 +145,8 @@ async def serve(settings: Settings, *, stop: asyncio.Event | None = None) -> int
             require_header=settings.require_header,
             retry_after=refresher.retry_after,
             check_host=check_host,
+            callers=settings.callers,
+            audit=audit,
         )
         handlers.append(app[TOKEN_HANDLER])
         runners[name] = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_GRACE)
@@ -175,6 +179,12 @@ async def serve(settings: Settings, *, stop: asyncio.Event | None = None) -> int
             remove_own_socket(settings.unix_socket, own_socket)
         return 1
 
+    if audit is not None:
+        audit.start()
+        mode = "closed" if audit.fail_closed else "open"
+        log.info("issuance audit on", extra={"detail": f"{audit.target_name}, failing {mode}"})
+    if settings.callers is not None:
+        log.info("signing allowed to", extra={"detail": settings.callers.describe()})
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
@@ -204,6 +214,8 @@ async def serve(settings: Settings, *, stop: asyncio.Event | None = None) -> int
         await _wait_for_handlers(handlers, SHUTDOWN_GRACE)
         for runner in runners.values():
             await runner.cleanup()
+        if audit is not None:
+            await audit.close()
         await refresher.stop()
         await sources.close()
         await ops.stop_accepting()
