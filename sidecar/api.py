@@ -363,10 +363,9 @@ class TokenHandler:
         if self.callers.allows(caller):
             return
         if caller is None:
-            text = (
-                "callers on this listener cannot be identified and an allow-list is set; "
-                "sign on the unix socket"
-            )
+            text = "the kernel could not identify this caller and an allow-list is set"
+        elif caller.gid is None:  # TCP: the kernel's socket table gives the uid only
+            text = f"uid {caller.uid} is not allowed to sign"
         else:
             text = f"uid {caller.uid} and gid {caller.gid} are not allowed to sign"
         raise ApiError(403, "caller_not_allowed", text)

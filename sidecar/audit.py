@@ -23,8 +23,8 @@ import logging
 import os
 import queue
 import time
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from . import logs
 from .blocking import start_in_thread
@@ -44,9 +44,9 @@ CLOSE_TIMEOUT = 2.0  # at shutdown, how long queued records get to reach the tar
 FILE_MODE = 0o600
 
 
-@dataclass(frozen=True, slots=True)
-class Entry:
-    """What the request path hands over; the writer thread makes the line."""
+class Entry(NamedTuple):
+    """What the request path hands over; the writer thread makes the line. A tuple: it
+    is built on the event loop per token, in a third of a frozen dataclass's time."""
 
     time: float
     request_id: str

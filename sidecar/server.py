@@ -164,7 +164,11 @@ async def serve(settings: Settings, *, stop: asyncio.Event | None = None) -> int
     own_socket: _FileId | None = None
     try:
         if settings.listen is not None:
-            await listeners["signing"].start_tcp(settings.listen.host, settings.listen.port)
+            # Who calls over TCP matters to an allow-list and to the audit; else skip the cost.
+            identify = settings.callers is not None or settings.audit is not None
+            await listeners["signing"].start_tcp(
+                settings.listen.host, settings.listen.port, identify=identify
+            )
         if settings.unix_socket is not None:
             sock, own_socket = bind_unix_socket(settings.unix_socket)
             await listeners["signing_unix"].start_socket(sock)

@@ -308,10 +308,15 @@ def exported_names(text: str) -> set[str]:
 _CLIENT = r"""
 import json, socket, sys
 path, method, body, headers = sys.argv[1], sys.argv[2], sys.argv[3].encode(), json.loads(sys.argv[4])
-head = f"{method} /v1/token HTTP/1.1\r\nHost: sidecar\r\nContent-Length: {len(body)}\r\nConnection: close\r\n"
+head = f"{method} /v1/token HTTP/1.1\r\nHost: localhost\r\nContent-Length: {len(body)}\r\nConnection: close\r\n"
 head += "".join(f"{name}: {value}\r\n" for name, value in headers.items())
-with socket.socket(socket.AF_UNIX) as sock:
+if path.startswith("tcp:"):
+    host, port = path[4:].rsplit(":", 1)
+    sock = socket.create_connection((host, int(port)))
+else:
+    sock = socket.socket(socket.AF_UNIX)
     sock.connect(path)
+with sock:
     sock.sendall(head.encode() + b"\r\n" + body)
     answer = b""
     while chunk := sock.recv(65536):
@@ -323,7 +328,7 @@ SIGNING_HEADERS = {"Content-Type": "application/json", "X-Sidecar-Request": "tru
 
 
 def sign_as(
-    path: Path,
+    path: Path | str,
     uid: int,
     gid: int,
     body: object | None = None,
@@ -331,8 +336,8 @@ def sign_as(
     method: str = "POST",
     headers: dict[str, str] | None = None,
 ) -> tuple[int, dict[str, object]]:
-    """One request on the unix socket from a process running as `uid`:`gid` with no
-    supplementary groups (the kernel reports these ids through SO_PEERCRED)."""
+    """One request on the unix socket (or on TCP, `path` being "tcp:HOST:PORT") from a
+    process running as `uid`:`gid` with no supplementary groups."""
     result = subprocess.run(
         [
             "setpriv",

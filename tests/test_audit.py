@@ -93,7 +93,7 @@ def test_records_name_caller_product_and_version_and_never_the_token(tmp_path: P
         "product_id": TEST_PRODUCT_ID,
         "version": 1,
         "issued_at": tcp_answer["issuedAt"],
-        "caller": "tcp",
+        "caller": {"uid": 0, "via": "tcp"},  # this test's uid, from inet_diag
         "user_hmac": hmac.new(AUDIT_KEY, tcp_user.encode(), hashlib.sha256).hexdigest(),
         "user_key_id": expected_key_id,
     }
@@ -120,7 +120,7 @@ def test_stdout_records_are_marked_among_the_log_lines(tmp_path: Path) -> None:
         assert status == 200
         eventually(lambda: len(audit_lines(sidecar)) == 1, what="an audit line on stdout")
         (record,) = audit_lines(sidecar)
-        assert record["caller"] == "tcp"
+        assert record["caller"] == {"uid": 0, "via": "tcp"}
         assert record["product_id"] == TEST_PRODUCT_ID
         assert "user_hmac" not in record  # no key configured: no user field at all
         assert sum("audit" in r for r in sidecar.log_records()) == 1  # log records lack it
