@@ -260,12 +260,16 @@ class AuditLog:
             self._target.close()
 
     def _write(self, batch: list[Entry]) -> None:
-        data = "".join(self._line(entry) for entry in batch).encode("utf-8")
         try:
+            data = "".join(self._line(entry) for entry in batch).encode("utf-8")
             self._target.write(data)
         except OSError as exc:
             self._write_errors.inc(len(batch))
             self._report_failure(len(batch), exc.strerror or type(exc).__name__)
+            ok = False
+        except Exception:  # a bug of ours: the thread must live, no request may wait forever
+            log.exception("audit records could not be formatted")
+            self._write_errors.inc(len(batch))
             ok = False
         else:
             self._written.inc(len(batch))

@@ -136,6 +136,8 @@ async def serve(settings: Settings, *, stop: asyncio.Event | None = None) -> int
         signing.append(("signing_unix", False))
     limits = signing_limits(fd_limit, len(signing))
     audit = AuditLog(settings.audit, metrics) if settings.audit is not None else None
+    if audit is not None:
+        audit.start()  # before any listener: the first token already has its writer
     runners: dict[str, web.AppRunner] = {}
     handlers: list[TokenHandler] = []
     for name, check_host in signing:
@@ -179,12 +181,13 @@ async def serve(settings: Settings, *, stop: asyncio.Event | None = None) -> int
             await listener.stop_accepting()
         for runner in [*runners.values(), ops_runner]:
             await runner.cleanup()
+        if audit is not None:
+            await audit.close()
         if own_socket is not None and settings.unix_socket is not None:
             remove_own_socket(settings.unix_socket, own_socket)
         return 1
 
     if audit is not None:
-        audit.start()
         mode = "closed" if audit.fail_closed else "open"
         log.info("issuance audit on", extra={"detail": f"{audit.target_name}, failing {mode}"})
     if settings.callers is not None:

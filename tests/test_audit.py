@@ -3,6 +3,7 @@ and what happens when it cannot be written (open: counted, signing goes on; clos
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import json
@@ -11,9 +12,12 @@ import shutil
 from pathlib import Path
 
 import pytest
+from prometheus_client import CollectorRegistry
 
-from sidecar.config import load_settings
+from sidecar.audit import AuditLog
+from sidecar.config import AuditSettings, load_settings
 from sidecar.errors import ConfigError
+from sidecar.metrics import Metrics
 from tests.support import (
     TEST_PRODUCT_ID,
     TEST_SECRET,
@@ -251,3 +255,28 @@ def test_a_short_audit_key_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         load_settings(env)
     assert "is 5 bytes; at least 32 are needed" in str(info.value)
+
+
+async def test_a_formatting_bug_fails_the_record_instead_of_hanging_the_request(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Failing closed, a request waits for its record: an unexpected error in the writer
+    thread must answer it (not written) and leave the thread alive for the next one."""
+    metrics = Metrics(CollectorRegistry(), ["default"], "test")
+    audit = AuditLog(AuditSettings(str(tmp_path / "a.log"), True, None), metrics)
+    audit.start()
+    record = {
+        "request_id": "r", "product": "default", "product_id": "p", "version": 1,
+        "issued_at": 1, "caller": "tcp", "user_id": "u",
+    }  # fmt: skip
+    broken = audit._line
+    monkeypatch.setattr(audit, "_line", lambda entry: 1 / 0)
+    pending = audit.submit(**record)  # type: ignore[arg-type]
+    assert pending is not None
+    assert await asyncio.wait_for(pending, 10) is False
+    monkeypatch.setattr(audit, "_line", broken)
+    pending = audit.submit(**record)  # type: ignore[arg-type]
+    assert pending is not None
+    assert await asyncio.wait_for(pending, 10) is True
+    await audit.close()
+    assert len(records(tmp_path / "a.log")) == 1
