@@ -22,11 +22,13 @@ from typing import Any
 
 from aiohttp import web
 
+from .audit import AuditLog
+from .callers import CallerPolicy, caller_of
 from .config import DEFAULT_PRODUCT
 from .errors import SourceError
 from .metrics import ENDPOINTS, ERROR_REASONS, Metrics
 from .signer import RemoteSigner, TokenSigner
-from .state import SecretStore
+from .state import SecretStore, Snapshot
 
 log = logging.getLogger(__name__)
 
@@ -198,8 +200,15 @@ class TokenHandler:
         retry_after: Callable[[str], int] = lambda _product: 1,
         body_timeout: float = BODY_TIMEOUT,
         check_host: bool = True,
+        callers: CallerPolicy | None = None,
+        audit: AuditLog | None = None,
     ) -> None:
         self.store = store
+        self.callers = callers
+        self.audit = audit
+        # the audit's caller when the kernel gave no credentials: TCP, or a unix peer whose
+        # SO_PEERCRED could not be read (not seen in practice)
+        self._unidentified = "tcp" if check_host else "unknown"
         self.check_host = check_host
         self.body_timeout = body_timeout
         self.require_header = require_header
@@ -271,6 +280,8 @@ class TokenHandler:
             raise ApiError(
                 405, "method_not_allowed", f"use POST {TOKEN_PATH}", headers={"Allow": "POST"}
             )
+        if self.callers is not None:
+            self._check_caller(request)
         headers = request.headers
         if self.require_header:
             marks = headers.getall("X-Sidecar-Request", ())
@@ -328,6 +339,8 @@ class TokenHandler:
             token, version = signer.sign(user_id, iat), snapshot.version
         else:
             token, version = await self._sign_remotely(signer, user_id, iat)
+        if self.audit is not None:
+            await self._audit(request, request_id, product, snapshot, version, iat, user_id)
         self._issued[product].inc()
         if log.isEnabledFor(logging.DEBUG):
             log.debug(
@@ -367,6 +380,49 @@ class TokenHandler:
                 headers={"Retry-After": str(max(1, math.ceil(exc.retry_after or 1)))},
             ) from None
 
+    def _check_caller(self, request: web.Request) -> None:
+        """403 unless the kernel identified the peer and the allow-list admits it."""
+        assert self.callers is not None
+        caller = caller_of(request)
+        if self.callers.allows(caller):
+            return
+        if caller is None:
+            text = "the kernel could not identify this caller and an allow-list is set"
+        elif caller.gid is None:  # TCP: the kernel's socket table gives the uid only
+            text = f"uid {caller.uid} is not allowed to sign"
+        else:
+            text = f"uid {caller.uid} and gid {caller.gid} are not allowed to sign"
+        raise ApiError(403, "caller_not_allowed", text)
+
+    async def _audit(
+        self,
+        request: web.Request,
+        request_id: str,
+        product: str,
+        snapshot: Snapshot,
+        version: int | str,
+        iat: int,
+        user_id: str,
+    ) -> None:
+        """Queue the issuance record; failing closed, wait until it is written."""
+        assert self.audit is not None
+        pending = self.audit.submit(
+            request_id=request_id,
+            product=product,
+            product_id=snapshot.signer.product_id,
+            version=version,
+            issued_at=iat,
+            caller=caller_of(request) or self._unidentified,
+            user_id=user_id,
+        )
+        if pending is not None and not await pending:
+            raise ApiError(
+                503,
+                "audit_unavailable",
+                "the issuance audit cannot be written; no token is issued without its record",
+                headers={"Retry-After": "1"},
+            )
+
 
 TOKEN_HANDLER = web.AppKey("token_handler", TokenHandler)
 
@@ -380,6 +436,8 @@ def create_api_app(
     retry_after: Callable[[str], int] = lambda _product: 1,
     body_timeout: float = BODY_TIMEOUT,
     check_host: bool = True,
+    callers: CallerPolicy | None = None,
+    audit: AuditLog | None = None,
 ) -> web.Application:
     """The signing application; every path goes to one handler so the check order holds.
 
@@ -393,6 +451,8 @@ def create_api_app(
         retry_after=retry_after,
         body_timeout=body_timeout,
         check_host=check_host,
+        callers=callers,
+        audit=audit,
     )
     # The token path first: aiohttp finds a fixed path by dict lookup, while the catch-all
     # is a regex tried per request. Both go to the same handler, so the check order holds.

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from .callers import MAX_ID, CallerPolicy
 from .errors import ConfigError
 from .redact import Redacted
 
@@ -66,6 +67,12 @@ GLOBAL_KEYS: dict[str, str | None] = {
     "TRANSIT_MOUNT": "transit",
     "TRANSIT_KEY": "reditus",
     "PRODUCT_ID": None,
+    # Who may sign, and the record of what was signed (callers.py, audit.py).
+    "ALLOWED_UIDS": None,
+    "ALLOWED_GIDS": None,
+    "AUDIT": "off",
+    "AUDIT_FAIL": "open",
+    "AUDIT_KEY_FILE": None,
 }
 # Keys a `[products.NAME]` table may set; unset ones fall back to the top-level values.
 PRODUCT_KEYS = ("kv_mount", "kv_path", "product_id_key", "secret_key", "secret_file")
@@ -144,6 +151,15 @@ class TransitSettings:
 
 
 @dataclass(frozen=True)
+class AuditSettings:
+    """Where issuance records go and what happens when they cannot be written."""
+
+    target: str  # "stdout" or a file path
+    fail_closed: bool
+    key_file: Path | None
+
+
+@dataclass(frozen=True)
 class Settings:
     """Everything the sidecar needs, checked once."""
 
@@ -163,6 +179,8 @@ class Settings:
     shutdown_delay: float = 0.0
     unknown_env: tuple[str, ...] = ()
     transit: TransitSettings | None = None
+    callers: CallerPolicy | None = None
+    audit: AuditSettings | None = None
 
     def product(self, name: str) -> Product | None:
         for product in self.products:
@@ -377,6 +395,8 @@ def load_settings(env: Mapping[str, str] | None = None, config_file: str | None 
         shutdown_delay=shutdown_delay,
         unknown_env=unknown,
         transit=transit,
+        callers=_caller_policy(values),
+        audit=_audit_settings(values),
     )
 
 
@@ -408,6 +428,57 @@ def _transit_settings(values: _Values, products: tuple[Product, ...]) -> Transit
     return TransitSettings(
         mount=names["TRANSIT_MOUNT"], key=names["TRANSIT_KEY"], product_id=raw.strip()
     )
+
+
+# --- Caller allow-list and issuance audit ---
+
+
+def _ids(raw: str | None, where: str) -> frozenset[int]:
+    """Comma-separated numeric uids or gids; empty means unset."""
+    if raw is None or not raw.strip():
+        return frozenset()
+    ids = set()
+    for item in raw.split(","):
+        text = item.strip()
+        if not text.isascii() or not text.isdigit():
+            shown = f"{text!r} is not" if text else "an empty item is not"
+            raise ConfigError(f"{where}={raw!r}: {shown} a numeric id (comma-separated numbers)")
+        value = int(text)
+        if value > MAX_ID:
+            raise ConfigError(f"{where}={raw!r}: {value} is larger than the largest id {MAX_ID}")
+        ids.add(value)
+    return frozenset(ids)
+
+
+def _caller_policy(values: _Values) -> CallerPolicy | None:
+    uids = _ids(*values.get("ALLOWED_UIDS"))
+    gids = _ids(*values.get("ALLOWED_GIDS"))
+    return CallerPolicy(uids, gids) if uids or gids else None
+
+
+def _audit_settings(values: _Values) -> AuditSettings | None:
+    raw, where = values.get("AUDIT")
+    target = (raw or "").strip()
+    if target.lower() in ("", "off"):
+        return None
+    if target.lower() == "stdout":
+        target = "stdout"
+    else:
+        path = Path(target)
+        if not path.is_absolute():
+            raise ConfigError(f"{where}={raw!r}: expected off, stdout or an absolute file path")
+        if path.is_dir():
+            raise ConfigError(f"{where}={raw!r}: is a directory; name a file in it")
+        if not path.parent.is_dir():
+            raise ConfigError(f"{where}={raw!r}: directory {path.parent} does not exist")
+    fail = _choice(*values.get("AUDIT_FAIL"), ("open", "closed"))
+    key_raw, key_where = values.get("AUDIT_KEY_FILE")
+    key_file = _existing_file(key_raw, key_where)
+    if key_file is not None:
+        from .audit import read_key  # a bad key is a configuration error, found at start
+
+        read_key(key_file)
+    return AuditSettings(target=target, fail_closed=fail == "closed", key_file=key_file)
 
 
 def _vault_settings(values: _Values, env: Mapping[str, str], needed: bool) -> VaultSettings:

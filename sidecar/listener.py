@@ -25,6 +25,7 @@ from typing import Any
 from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
 
+from .callers import Caller, TcpPeers, identify
 from .metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -126,6 +127,8 @@ class _BoundedHandler(web.RequestHandler):
         super().__init__(listener.runner_server, **kwargs)
         self._listener = listener
         self._admitted = False
+        #: the unix-socket peer's credentials, read once at connect (None on TCP)
+        self.caller: Caller | None = None
 
     @property
     def in_request(self) -> bool:
@@ -138,6 +141,8 @@ class _BoundedHandler(web.RequestHandler):
             transport.close()
             return
         self._admitted = True
+        if self._listener.identify:
+            self.caller = identify(transport.get_extra_info("socket"), self._listener.tcp_peers)
         super().connection_made(transport)
 
     def connection_lost(self, exc: BaseException | None) -> None:
@@ -189,6 +194,9 @@ class Listener:
         self._open: dict[_BoundedHandler, None] = {}  # in order of arrival
         metrics.http_connections.labels(listener=name).set_function(lambda: len(self._open))
         self._server: asyncio.Server | None = None
+        #: identify each connection's peer (always on the unix socket; on TCP when asked)
+        self.identify = False
+        self.tcp_peers = TcpPeers()
         self._handler_args: dict[str, Any] = {
             "loop": asyncio.get_running_loop(),
             "keepalive_timeout": limits.idle_timeout,
@@ -218,8 +226,10 @@ class Listener:
     def release(self, handler: _BoundedHandler) -> None:
         self._open.pop(handler, None)
 
-    async def start_tcp(self, host: str, port: int) -> None:
+    async def start_tcp(self, host: str, port: int, *, identify: bool = False) -> None:
+        """Listen on TCP; `identify` looks each peer's uid up (inet_diag, once per connection)."""
         loop = asyncio.get_running_loop()
+        self.identify = identify
         self._server = await loop.create_server(
             self._protocol, host, port, backlog=self.limits.backlog, reuse_address=True
         )
@@ -227,6 +237,7 @@ class Listener:
     async def start_socket(self, sock: socket.socket) -> None:
         """Serve on a socket bound and listening already (the unix socket)."""
         loop = asyncio.get_running_loop()
+        self.identify = True
         self._server = await loop.create_unix_server(self._protocol, sock=sock)
 
     @property
@@ -243,3 +254,4 @@ class Listener:
         if self._server is not None:
             self._server.close()
             self._server = None
+        self.tcp_peers.close()

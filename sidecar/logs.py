@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import threading
 import time
 
 CONTEXT_KEYS = (
@@ -29,6 +30,23 @@ CONTEXT_KEYS = (
     "listener",
     "count",
 )
+
+
+#: held while anything goes to stdout: audit records written from their thread never
+#: interleave with log lines
+STDOUT_LOCK = threading.RLock()
+
+
+class _StdoutHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    def createLock(self) -> None:  # logging's name
+        self.lock = STDOUT_LOCK
+
+
+def write_stdout(text: str) -> None:
+    """Write whole lines to stdout between log records; raises OSError as the stream does."""
+    with STDOUT_LOCK:
+        sys.stdout.write(text)
+        sys.stdout.flush()
 
 
 class JsonFormatter(logging.Formatter):
@@ -65,7 +83,7 @@ class TextFormatter(logging.Formatter):
 
 def configure(level: str = "info", fmt: str = "json") -> None:
     """Route every logger (ours, aiohttp's, hvac's) to stdout in one format."""
-    handler = logging.StreamHandler(sys.stdout)
+    handler = _StdoutHandler(sys.stdout)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]

@@ -14,6 +14,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 ERROR_REASONS = (
     "not_found",
     "method_not_allowed",
+    "caller_not_allowed",
     "missing_request_header",
     "browser_origin",
     "host_not_allowed",
@@ -24,6 +25,7 @@ ERROR_REASONS = (
     "invalid_request",
     "unknown_product",
     "secret_unavailable",
+    "audit_unavailable",
     "internal",
 )
 ENDPOINTS = ("token", "other")
@@ -32,6 +34,8 @@ LISTENERS = ("signing", "signing_unix", "ops")
 REFRESH_RESULTS = ("changed", "unchanged", "error")
 LOGIN_METHODS = ("token", "approle", "kubernetes", "jwt", "cert")
 RESULTS = ("success", "error")
+#: `reason` values of reditus_sidecar_audit_errors_total: records lost
+AUDIT_ERRORS = ("write", "queue_full")
 
 # Signing on loopback takes tens of microseconds; the low buckets resolve that.
 LATENCY_BUCKETS = (
@@ -152,6 +156,17 @@ class Metrics:
             ["listener"],
             registry=registry,
         )
+        self.audit_records = Counter(
+            "reditus_sidecar_audit_records",
+            "Issuance audit records written.",
+            registry=registry,
+        )
+        self.audit_errors = Counter(
+            "reditus_sidecar_audit_errors",
+            "Issuance audit records not written: the target failed, or the queue was full.",
+            ["reason"],
+            registry=registry,
+        )
         self.build_info = Gauge(
             "reditus_sidecar_build_info",
             "Always 1; the version label says which build runs.",
@@ -182,6 +197,8 @@ class Metrics:
         self.build_info.labels(version=version).set(1)
         for reason in ERROR_REASONS:
             self.token_errors.labels(reason=reason)
+        for reason in AUDIT_ERRORS:
+            self.audit_errors.labels(reason=reason)
         for endpoint in ENDPOINTS:
             self.request_duration.labels(endpoint=endpoint)
         for method in LOGIN_METHODS:

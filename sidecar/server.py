@@ -24,6 +24,7 @@ from prometheus_client import CollectorRegistry, disable_created_metrics
 
 from . import __version__
 from .api import TOKEN_HANDLER, TokenHandler, create_api_app
+from .audit import AuditLog
 from .config import Settings
 from .listener import OPS_LIMITS, SIGNING_LIMITS, Listener, raise_fd_limit, signing_limits
 from .metrics import Metrics
@@ -147,6 +148,9 @@ async def serve(settings: Settings, *, stop: asyncio.Event | None = None) -> int
     if settings.unix_socket is not None:
         signing.append(("signing_unix", False))
     limits = signing_limits(fd_limit, len(signing))
+    audit = AuditLog(settings.audit, metrics) if settings.audit is not None else None
+    if audit is not None:
+        audit.start()  # before any listener: the first token already has its writer
     runners: dict[str, web.AppRunner] = {}
     handlers: list[TokenHandler] = []
     for name, check_host in signing:
@@ -156,6 +160,8 @@ async def serve(settings: Settings, *, stop: asyncio.Event | None = None) -> int
             require_header=settings.require_header,
             retry_after=refresher.retry_after,
             check_host=check_host,
+            callers=settings.callers,
+            audit=audit,
         )
         handlers.append(app[TOKEN_HANDLER])
         runners[name] = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_GRACE)
@@ -173,7 +179,11 @@ async def serve(settings: Settings, *, stop: asyncio.Event | None = None) -> int
     own_socket: _FileId | None = None
     try:
         if settings.listen is not None:
-            await listeners["signing"].start_tcp(settings.listen.host, settings.listen.port)
+            # Who calls over TCP matters to an allow-list and to the audit; else skip the cost.
+            identify = settings.callers is not None or settings.audit is not None
+            await listeners["signing"].start_tcp(
+                settings.listen.host, settings.listen.port, identify=identify
+            )
         if settings.unix_socket is not None:
             sock, own_socket = bind_unix_socket(settings.unix_socket)
             await listeners["signing_unix"].start_socket(sock)
@@ -184,10 +194,17 @@ async def serve(settings: Settings, *, stop: asyncio.Event | None = None) -> int
             await listener.stop_accepting()
         for runner in [*runners.values(), ops_runner]:
             await runner.cleanup()
+        if audit is not None:
+            await audit.close()
         if own_socket is not None and settings.unix_socket is not None:
             remove_own_socket(settings.unix_socket, own_socket)
         return 1
 
+    if audit is not None:
+        mode = "closed" if audit.fail_closed else "open"
+        log.info("issuance audit on", extra={"detail": f"{audit.target_name}, failing {mode}"})
+    if settings.callers is not None:
+        log.info("signing allowed to", extra={"detail": settings.callers.describe()})
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
@@ -217,6 +234,8 @@ async def serve(settings: Settings, *, stop: asyncio.Event | None = None) -> int
         await _wait_for_handlers(handlers, SHUTDOWN_GRACE)
         for runner in runners.values():
             await runner.cleanup()
+        if audit is not None:
+            await audit.close()
         await refresher.stop()
         await sources.close(revoke=True)
         await ops.stop_accepting()

@@ -301,3 +301,82 @@ def scrape_value(metrics_url: str, series: str) -> float:
 def exported_names(text: str) -> set[str]:
     """The sample names of an exposition (histograms as _bucket, _sum, _count)."""
     return {line.split("{")[0].split(" ")[0] for line in text.splitlines() if line[:1] != "#"}
+
+
+# A client run as another user: the system interpreter (the test venv's may sit under a
+# directory only root can enter) with the standard library only, behind setpriv.
+_CLIENT = r"""
+import json, socket, sys
+path, method, body, headers = sys.argv[1], sys.argv[2], sys.argv[3].encode(), json.loads(sys.argv[4])
+head = f"{method} /v1/token HTTP/1.1\r\nHost: localhost\r\nContent-Length: {len(body)}\r\nConnection: close\r\n"
+head += "".join(f"{name}: {value}\r\n" for name, value in headers.items())
+if path.startswith("tcp:"):
+    host, port = path[4:].rsplit(":", 1)
+    sock = socket.create_connection((host, int(port)))
+else:
+    sock = socket.socket(socket.AF_UNIX)
+    sock.connect(path)
+with sock:
+    sock.sendall(head.encode() + b"\r\n" + body)
+    answer = b""
+    while chunk := sock.recv(65536):
+        answer += chunk
+status = int(answer.split(b" ", 2)[1])
+print(json.dumps({"status": status, "body": json.loads(answer.split(b"\r\n\r\n", 1)[1])}))
+"""
+SIGNING_HEADERS = {"Content-Type": "application/json", "X-Sidecar-Request": "true"}
+
+
+def sign_as(
+    path: Path | str,
+    uid: int,
+    gid: int,
+    body: object | None = None,
+    *,
+    method: str = "POST",
+    headers: dict[str, str] | None = None,
+) -> tuple[int, dict[str, object]]:
+    """One request on the unix socket (or on TCP, `path` being "tcp:HOST:PORT") from a
+    process running as `uid`:`gid` with no supplementary groups."""
+    result = subprocess.run(
+        [
+            "setpriv",
+            f"--reuid={uid}",
+            f"--regid={gid}",
+            "--clear-groups",
+            "/usr/bin/python3",
+            "-c",
+            _CLIENT,
+            str(path),
+            method,
+            json.dumps(body or {"userId": "u"}),
+            json.dumps(SIGNING_HEADERS if headers is None else headers),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    answer = json.loads(result.stdout)
+    return int(answer["status"]), answer["body"]
+
+
+@contextlib.contextmanager
+def open_socket_dir() -> Iterator[Path]:
+    """A directory any user can reach (pytest's tmp_path is root-only), for a socket
+    that clients of other uids connect to; its socket is made 0666 by `open_to_all` so
+    the allow-list, not the file mode, is what decides."""
+    import shutil
+    import tempfile
+
+    path = Path(tempfile.mkdtemp(prefix="reditus-sock-"))
+    path.chmod(0o755)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def open_to_all(socket_path: Path) -> None:
+    eventually(socket_path.exists, what=f"{socket_path} is created")
+    socket_path.chmod(0o666)

@@ -65,6 +65,11 @@ DOCUMENTED_ENV = {
     "REDITUS_SIDECAR_TRANSIT_MOUNT",
     "REDITUS_SIDECAR_TRANSIT_KEY",
     "REDITUS_SIDECAR_PRODUCT_ID",
+    "REDITUS_SIDECAR_ALLOWED_UIDS",
+    "REDITUS_SIDECAR_ALLOWED_GIDS",
+    "REDITUS_SIDECAR_AUDIT",
+    "REDITUS_SIDECAR_AUDIT_FAIL",
+    "REDITUS_SIDECAR_AUDIT_KEY_FILE",
 }
 FILE_ENV = (
     "VAULT_CACERT",
@@ -74,6 +79,7 @@ FILE_ENV = (
     "REDITUS_SIDECAR_VAULT_SECRET_ID_FILE",
     "REDITUS_SIDECAR_VAULT_TOKEN_FILE",
     "REDITUS_SIDECAR_SECRET_FILE",
+    "REDITUS_SIDECAR_AUDIT_KEY_FILE",
 )
 
 
@@ -257,6 +263,12 @@ def test_signing_listener_is_loopback_only_and_never_exposed(scenario: str | Non
     spec = pod_spec(docs)
     sidecar = sidecar_container(spec)
     env = env_of(sidecar)
+    app = next(c for c in spec["containers"] if c["name"] == "app")
+    if "REDITUS_SIDECAR_ALLOWED_UIDS" in env:
+        # The socket's allow-list is on: TCP cannot identify callers, so it is off.
+        assert env["REDITUS_SIDECAR_LISTEN"] == "off"
+        assert "REDITUS_SIDECAR_URL" not in env_of(app)
+        env = {**env, "REDITUS_SIDECAR_LISTEN": "127.0.0.1:8787"}  # the port must stay closed
     host, _, port = env["REDITUS_SIDECAR_LISTEN"].rpartition(":")
     assert host == "127.0.0.1"
     assert env["REDITUS_SIDECAR_METRICS_LISTEN"] == "0.0.0.0:9102"
@@ -272,9 +284,9 @@ def test_signing_listener_is_loopback_only_and_never_exposed(scenario: str | Non
             assert service["spec"]["ports"] == [
                 {"name": "ops", "port": 9102, "targetPort": "ops", "protocol": "TCP"}
             ]
-    # The app learns where to ask: the loopback URL.
-    app = next(c for c in spec["containers"] if c["name"] == "app")
-    assert env_of(app)["REDITUS_SIDECAR_URL"] == f"http://127.0.0.1:{port}"
+    # The app learns where to ask: the loopback URL, unless only the socket signs.
+    if env_of(sidecar)["REDITUS_SIDECAR_LISTEN"] != "off":
+        assert env_of(app)["REDITUS_SIDECAR_URL"] == f"http://127.0.0.1:{port}"
 
 
 @pytest.mark.parametrize("scenario", ALL, ids=ALL_IDS)
@@ -502,6 +514,69 @@ def test_jwt_wiring_with_existing_service_account_and_unix_socket() -> None:
     assert spec["securityContext"]["fsGroup"] == sidecar["securityContext"]["runAsGroup"]
 
 
+def test_socket_allow_list_is_the_app_user_and_turns_tcp_off() -> None:
+    spec = pod_spec(rendered("jwt-values.yaml"))
+    env = env_of(sidecar_container(spec))
+    app = next(c for c in spec["containers"] if c["name"] == "app")
+    assert app["securityContext"]["runAsUser"] == 10001
+    assert env["REDITUS_SIDECAR_ALLOWED_UIDS"] == "10001"
+    assert "REDITUS_SIDECAR_ALLOWED_GIDS" not in env
+    assert env["REDITUS_SIDECAR_LISTEN"] == "off"
+    assert set(env_of(app)) == {"REDITUS_SIDECAR_UNIX_SOCKET"}
+
+
+def test_socket_allow_list_falls_back_to_the_pod_user_and_takes_extra_ids() -> None:
+    args = ["--set", "sidecar.unixSocket.enabled=true"]
+    docs = [d for d in yaml.safe_load_all(helm_template(*args).stdout) if d]
+    assert env_of(sidecar_container(pod_spec(docs)))["REDITUS_SIDECAR_ALLOWED_UIDS"] == "65532"
+    args += ["--set", "sidecar.unixSocket.allowedUids={1001,4000000000,1001}"]
+    args += ["--set", "sidecar.unixSocket.allowedGids={3000}"]
+    docs = [d for d in yaml.safe_load_all(helm_template(*args).stdout) if d]
+    env = env_of(sidecar_container(pod_spec(docs)))
+    assert env["REDITUS_SIDECAR_ALLOWED_UIDS"] == "65532,1001,4000000000"
+    assert env["REDITUS_SIDECAR_ALLOWED_GIDS"] == "3000"
+
+
+def test_socket_without_allowed_ids_keeps_tcp() -> None:
+    args = [
+        "--set",
+        "sidecar.unixSocket.enabled=true",
+        "--set",
+        "sidecar.unixSocket.allowAppUser=false",
+    ]
+    spec = pod_spec([d for d in yaml.safe_load_all(helm_template(*args).stdout) if d])
+    env = env_of(sidecar_container(spec))
+    assert not {"REDITUS_SIDECAR_ALLOWED_UIDS", "REDITUS_SIDECAR_ALLOWED_GIDS"} & set(env)
+    assert env["REDITUS_SIDECAR_LISTEN"] == "127.0.0.1:8787"
+    app = next(c for c in spec["containers"] if c["name"] == "app")
+    assert env_of(app)["REDITUS_SIDECAR_URL"] == "http://127.0.0.1:8787"
+
+
+def test_audit_goes_to_stdout_by_default_and_its_key_is_mounted() -> None:
+    env = env_of(sidecar_container(pod_spec(rendered(None))))
+    assert env["REDITUS_SIDECAR_AUDIT"] == "stdout"
+    assert env["REDITUS_SIDECAR_AUDIT_FAIL"] == "open"
+    assert "REDITUS_SIDECAR_AUDIT_KEY_FILE" not in env
+    args = ["--set", "sidecar.audit.keySecret.name=audit-key", "--set", "sidecar.audit.fail=closed"]
+    spec = pod_spec([d for d in yaml.safe_load_all(helm_template(*args).stdout) if d])
+    sidecar = sidecar_container(spec)
+    env = env_of(sidecar)
+    assert env["REDITUS_SIDECAR_AUDIT_FAIL"] == "closed"
+    assert env["REDITUS_SIDECAR_AUDIT_KEY_FILE"] == "/var/run/secrets/reditus-sidecar/audit-key/key"
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    secret = volumes["reditus-sidecar-audit-key"]["secret"]
+    assert secret["secretName"] == "audit-key"
+    assert secret["items"] == [{"key": "audit-key", "path": "key"}]
+    mounts = {m["name"]: m for m in sidecar["volumeMounts"]}
+    assert mounts["reditus-sidecar-audit-key"]["readOnly"] is True
+    args = ["--set", "sidecar.audit.target=off", "--set", "sidecar.audit.keySecret.name=k"]
+    spec = pod_spec([d for d in yaml.safe_load_all(helm_template(*args).stdout) if d])
+    env = env_of(sidecar_container(spec))
+    assert env["REDITUS_SIDECAR_AUDIT"] == "off"
+    assert not {"REDITUS_SIDECAR_AUDIT_FAIL", "REDITUS_SIDECAR_AUDIT_KEY_FILE"} & set(env)
+    assert "reditus-sidecar-audit-key" not in {v["name"] for v in spec["volumes"]}
+
+
 def test_file_source_wiring() -> None:
     spec = pod_spec(rendered("file-source-values.yaml"))
     sidecar = sidecar_container(spec)
@@ -672,6 +747,10 @@ def test_bundled_rules_and_dashboard_are_copies_of_deploy() -> None:
         ("sidecar.shutdownDelay=301", "/sidecar/shutdownDelay"),  # the sidecar's own cap
         ("sidecar.vault.revokeOnShutdown=sometimes", "/sidecar/vault/revokeOnShutdown"),
         ("sidecar.vault.tls.clientCertSecert=x", "clientCertSecert"),
+        ("sidecar.unixSocket.allowedUids[0]=-1", "/sidecar/unixSocket/allowedUids/0"),
+        ("sidecar.unixSocket.allowedGids[0]=staff", "/sidecar/unixSocket/allowedGids/0"),
+        ("sidecar.audit.target=audit.log", "/sidecar/audit/target"),
+        ("sidecar.audit.fail=maybe", "/sidecar/audit/fail"),
     ],
 )
 def test_schema_rejects_typos_bad_enums_and_exposed_listeners(setting: str, message: str) -> None:
@@ -698,6 +777,10 @@ def test_schema_rejects_typos_bad_enums_and_exposed_listeners(setting: str, mess
         ),
         (["sidecar.maxStaleness=10"], "at least sidecar.refreshInterval (30)"),
         (["sidecar.source=transit"], "sidecar.transit.productId (the product id"),
+        (
+            ["sidecar.unixSocket.enabled=true", "deployment.podSecurityContext.runAsUser=null"],
+            "sidecar.unixSocket.allowAppUser needs the app's uid",
+        ),
         (
             ["sidecar.mode=container", "deployment.terminationGracePeriodSeconds=15"],
             "deployment.terminationGracePeriodSeconds (15) must be greater than"

@@ -177,13 +177,33 @@ shutdown delay only when it is on.
 */}}
 {{- define "reditus-sidecar.env" -}}
 {{- $sc := .Values.sidecar -}}
+{{- $uids := include "reditus-sidecar.allowedUids" . }}
+{{- $gids := include "reditus-sidecar.allowedGids" . }}
 - name: REDITUS_SIDECAR_LISTEN
-  value: {{ $sc.listen | quote }}
+  value: {{ ternary "off" $sc.listen (or (ne $uids "") (ne $gids "")) | quote }}
 - name: REDITUS_SIDECAR_METRICS_LISTEN
   value: {{ printf "%s:%d" (ternary (printf "[%s]" $sc.opsListenHost) $sc.opsListenHost (contains ":" $sc.opsListenHost)) (int $sc.opsPort) | quote }}
 {{- if $sc.unixSocket.enabled }}
 - name: REDITUS_SIDECAR_UNIX_SOCKET
   value: {{ printf "%s/%s" $sc.unixSocket.dir $sc.unixSocket.name | quote }}
+{{- end }}
+{{- with $uids }}
+- name: REDITUS_SIDECAR_ALLOWED_UIDS
+  value: {{ . | quote }}
+{{- end }}
+{{- with $gids }}
+- name: REDITUS_SIDECAR_ALLOWED_GIDS
+  value: {{ . | quote }}
+{{- end }}
+- name: REDITUS_SIDECAR_AUDIT
+  value: {{ $sc.audit.target | quote }}
+{{- if ne $sc.audit.target "off" }}
+- name: REDITUS_SIDECAR_AUDIT_FAIL
+  value: {{ $sc.audit.fail | quote }}
+{{- if $sc.audit.keySecret.name }}
+- name: REDITUS_SIDECAR_AUDIT_KEY_FILE
+  value: {{ printf "%s/key" $sc.audit.keyMountPath | quote }}
+{{- end }}
 {{- end }}
 - name: REDITUS_SIDECAR_SECRET_SOURCE
   value: {{ $sc.source | quote }}
@@ -332,6 +352,11 @@ files its auth method needs, the Vault CA, the socket directory and extraVolumeM
 - name: reditus-sidecar-socket
   mountPath: {{ $sc.unixSocket.dir }}
 {{- end }}
+{{- if and (ne $sc.audit.target "off") $sc.audit.keySecret.name }}
+- name: reditus-sidecar-audit-key
+  mountPath: {{ $sc.audit.keyMountPath }}
+  readOnly: true
+{{- end }}
 {{- with $sc.extraVolumeMounts }}
 {{ toYaml . }}
 {{- end }}
@@ -417,6 +442,58 @@ Include it in the pod's volumes next to your own when embedding the sidecar.
     medium: Memory
     sizeLimit: 1Mi
 {{- end }}
+{{- if and (ne $sc.audit.target "off") $sc.audit.keySecret.name }}
+- name: reditus-sidecar-audit-key
+  secret:
+    secretName: {{ $sc.audit.keySecret.name }}
+    defaultMode: 0440
+    items:
+      - key: {{ $sc.audit.keySecret.key }}
+        path: key
+{{- end }}
+{{- end }}
+
+{{/*
+reditus-sidecar.allowedUids: the uids allowed to sign on the unix socket, comma-separated
+(REDITUS_SIDECAR_ALLOWED_UIDS): the app container's runAsUser (its own securityContext,
+else the pod's) when unixSocket.allowAppUser, plus unixSocket.allowedUids. Empty when the
+socket is off or nothing is allowed (then no allow-list is set).
+*/}}
+{{- define "reditus-sidecar.allowedUids" -}}
+{{- $us := .Values.sidecar.unixSocket -}}
+{{- if $us.enabled }}
+{{- $ids := list }}
+{{- if $us.allowAppUser }}
+{{- $app := .Values.app.securityContext | default dict }}
+{{- $pod := .Values.deployment.podSecurityContext | default dict }}
+{{- if hasKey $app "runAsUser" }}
+{{- $ids = append $ids (int64 $app.runAsUser | toString) }}
+{{- else if hasKey $pod "runAsUser" }}
+{{- $ids = append $ids (int64 $pod.runAsUser | toString) }}
+{{- else }}
+{{- fail "sidecar.unixSocket.allowAppUser needs the app's uid: set app.securityContext.runAsUser (or deployment.podSecurityContext.runAsUser), or set allowAppUser to false and list the uids in sidecar.unixSocket.allowedUids" }}
+{{- end }}
+{{- end }}
+{{- range $us.allowedUids }}
+{{- $ids = append $ids (int64 . | toString) }}
+{{- end }}
+{{- $ids | uniq | join "," }}
+{{- end }}
+{{- end }}
+
+{{/*
+reditus-sidecar.allowedGids: unixSocket.allowedGids, comma-separated
+(REDITUS_SIDECAR_ALLOWED_GIDS); empty when the socket is off or none is listed.
+*/}}
+{{- define "reditus-sidecar.allowedGids" -}}
+{{- $us := .Values.sidecar.unixSocket -}}
+{{- if $us.enabled }}
+{{- $ids := list }}
+{{- range $us.allowedGids }}
+{{- $ids = append $ids (int64 . | toString) }}
+{{- end }}
+{{- $ids | uniq | join "," }}
+{{- end }}
 {{- end }}
 
 {{/*
@@ -480,13 +557,17 @@ initContainers; with "container" it belongs in containers. Pair it with
 
 {{/*
 reditus-sidecar.appEnv: environment for the app container (list of EnvVar) telling it
-where to ask for tokens: REDITUS_SIDECAR_URL, and REDITUS_SIDECAR_UNIX_SOCKET when the
-socket is on. The sidecar itself does not read REDITUS_SIDECAR_URL.
+where to ask for tokens: REDITUS_SIDECAR_URL (left out while the socket's allow-list turns
+TCP off), and REDITUS_SIDECAR_UNIX_SOCKET when the socket is on. The sidecar itself does
+not read REDITUS_SIDECAR_URL.
 */}}
 {{- define "reditus-sidecar.appEnv" -}}
 {{- $sc := .Values.sidecar -}}
+{{- $restricted := or (ne (include "reditus-sidecar.allowedUids" .) "") (ne (include "reditus-sidecar.allowedGids" .) "") }}
+{{- if not $restricted }}
 - name: REDITUS_SIDECAR_URL
   value: {{ printf "http://%s" $sc.listen | quote }}
+{{- end }}
 {{- if $sc.unixSocket.enabled }}
 - name: REDITUS_SIDECAR_UNIX_SOCKET
   value: {{ printf "%s/%s" $sc.unixSocket.dir $sc.unixSocket.name | quote }}

@@ -1,0 +1,282 @@
+"""The issuance audit, against the real process: what a record holds, what it never holds,
+and what happens when it cannot be written (open: counted, signing goes on; closed: 503)."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from sidecar.audit import AuditLog
+from sidecar.config import AuditSettings, load_settings
+from sidecar.errors import ConfigError
+from sidecar.metrics import Metrics
+from tests.support import (
+    TEST_PRODUCT_ID,
+    TEST_SECRET,
+    SidecarProcess,
+    eventually,
+    open_socket_dir,
+    open_to_all,
+    post_token,
+    request_token,
+    scrape_value,
+    sign_as,
+    start_sidecar,
+    write_secret,
+)
+
+AUDIT_KEY = b"audit-key-for-tests-0123456789abcdef-0123456789"
+WRITTEN = "reditus_sidecar_audit_records_total"
+WRITE_ERRORS = 'reditus_sidecar_audit_errors_total{reason="write"}'
+ISSUED = 'reditus_sidecar_tokens_issued_total{product="default"}'
+
+
+def records(path: Path) -> list[dict[str, object]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def audit_lines(sidecar: SidecarProcess) -> list[dict[str, object]]:
+    return [r for r in sidecar.log_records() if r.get("audit") is True]
+
+
+def test_records_name_caller_product_and_version_and_never_the_token(tmp_path: Path) -> None:
+    audit_dir = tmp_path / "audit"
+    audit_dir.mkdir()
+    audit_file = audit_dir / "issued.log"
+    key_file = tmp_path / "audit.key"
+    key_file.write_bytes(AUDIT_KEY + b"\n")
+    socket_user, tcp_user = "socket-user-8c1e5a", "tcp-user-4f2b77"
+    with open_socket_dir() as sockets:
+        socket_path = sockets / "sidecar.sock"
+        with start_sidecar(
+            tmp_path,
+            REDITUS_SIDECAR_UNIX_SOCKET=str(socket_path),
+            REDITUS_SIDECAR_AUDIT=str(audit_file),
+            REDITUS_SIDECAR_AUDIT_KEY_FILE=str(key_file),
+            REDITUS_SIDECAR_LOG_LEVEL="debug",
+        ) as sidecar:
+            open_to_all(socket_path)
+            status, socket_answer = sign_as(socket_path, 4101, 4202, {"userId": socket_user})
+            assert status == 200
+            status, headers, tcp_answer = request_token(
+                sidecar.api_url, {"userId": tcp_user}, headers={"X-Request-Id": "req-audit-1"}
+            )
+            assert status == 200
+            eventually(lambda: len(records(audit_file)) == 2, what="two audit records")
+            assert scrape_value(sidecar.metrics_url, WRITTEN) == 2
+            # A rotated secret shows as a new version in the records that follow.
+            write_secret(sidecar.secret_file, secret=TEST_SECRET + "-rotated")  # type: ignore[arg-type]
+
+            def rotated() -> bool:
+                post_token(sidecar.api_url, {"userId": tcp_user})
+                return records(audit_file)[-1]["version"] == 2
+
+            eventually(rotated, what="a record with secret version 2")
+        output = sidecar.output()
+
+    on_socket, on_tcp = records(audit_file)[:2]
+    expected_key_id = hmac.new(AUDIT_KEY, b"key-id", hashlib.sha256).hexdigest()[:16]
+    assert on_socket["caller"] == {"uid": 4101, "gid": 4202, "pid": on_socket["caller"]["pid"]}  # type: ignore[index]
+    assert isinstance(on_socket["caller"]["pid"], int)  # type: ignore[index]
+    assert on_socket["caller"]["pid"] > 1  # type: ignore[index]
+    assert on_tcp == {
+        "audit": True,
+        "time": on_tcp["time"],
+        "request_id": "req-audit-1",
+        "product": "default",
+        "product_id": TEST_PRODUCT_ID,
+        "version": 1,
+        "issued_at": tcp_answer["issuedAt"],
+        "caller": {"uid": 0, "via": "tcp"},  # this test's uid, from inet_diag
+        "user_hmac": hmac.new(AUDIT_KEY, tcp_user.encode(), hashlib.sha256).hexdigest(),
+        "user_key_id": expected_key_id,
+    }
+    assert str(on_tcp["time"]).endswith("Z")
+    assert (
+        on_socket["user_hmac"]
+        == hmac.new(AUDIT_KEY, socket_user.encode(), hashlib.sha256).hexdigest()
+    )
+    assert headers["X-Request-Id"] == "req-audit-1"
+    # Never the token, the secret, the raw user id or the key: not in the file, not in the log.
+    text = audit_file.read_text()
+    for value in (
+        socket_answer["token"], tcp_answer["token"], TEST_SECRET, socket_user, tcp_user,
+        AUDIT_KEY.decode(),
+    ):  # fmt: skip
+        assert value not in text
+        assert value not in output
+    assert oct(audit_file.stat().st_mode & 0o777) == "0o600"
+
+
+def test_stdout_records_are_marked_among_the_log_lines(tmp_path: Path) -> None:
+    with start_sidecar(tmp_path, REDITUS_SIDECAR_AUDIT="stdout") as sidecar:
+        status, answer = post_token(sidecar.api_url, {"userId": "stdout-user-91d0"})
+        assert status == 200
+        eventually(lambda: len(audit_lines(sidecar)) == 1, what="an audit line on stdout")
+        (record,) = audit_lines(sidecar)
+        assert record["caller"] == {"uid": 0, "via": "tcp"}
+        assert record["product_id"] == TEST_PRODUCT_ID
+        assert "user_hmac" not in record  # no key configured: no user field at all
+        assert sum("audit" in r for r in sidecar.log_records()) == 1  # log records lack it
+        assert "stdout-user-91d0" not in sidecar.output()
+        assert str(answer["token"]) not in sidecar.output()
+
+
+def test_unwritable_target_is_counted_and_signing_goes_on_when_open(tmp_path: Path) -> None:
+    with start_sidecar(tmp_path, REDITUS_SIDECAR_AUDIT="/dev/full") as sidecar:  # ENOSPC
+        for _ in range(3):
+            assert post_token(sidecar.api_url, {"userId": "u"})[0] == 200
+        eventually(lambda: scrape_value(sidecar.metrics_url, WRITE_ERRORS) == 3, what="3 lost")
+        assert scrape_value(sidecar.metrics_url, WRITTEN) == 0
+        assert scrape_value(sidecar.metrics_url, ISSUED) == 3
+        errors = [
+            r for r in sidecar.log_records() if r["msg"] == "audit records could not be written"
+        ]
+        assert errors
+        assert errors[0]["error"] == "No space left on device"
+        assert len(errors) == 1  # reported at a bounded rate, not once per record
+
+
+def test_closed_mode_refuses_while_the_audit_cannot_be_written(tmp_path: Path) -> None:
+    audit_dir = tmp_path / "audit"
+    audit_dir.mkdir()
+    audit_file = audit_dir / "issued.log"
+    with start_sidecar(
+        tmp_path, REDITUS_SIDECAR_AUDIT=str(audit_file), REDITUS_SIDECAR_AUDIT_FAIL="closed"
+    ) as sidecar:
+        assert post_token(sidecar.api_url, {"userId": "u"})[0] == 200
+        assert len(records(audit_file)) == 1  # closed: written before the token is released
+        shutil.rmtree(audit_dir)  # the directory is removed under the sidecar
+        status, headers, body = request_token(sidecar.api_url, {"userId": "u"})
+        assert (status, body["error"]["code"]) == (503, "audit_unavailable")  # type: ignore[index]
+        assert headers["Retry-After"] == "1"
+        assert "token" not in body
+        assert scrape_value(sidecar.metrics_url, ISSUED) == 1
+        assert scrape_value(sidecar.metrics_url, WRITE_ERRORS) == 1
+        audit_dir.mkdir()  # back: the next request writes a new file and signs
+        assert post_token(sidecar.api_url, {"userId": "u"})[0] == 200
+        assert len(records(audit_file)) == 1
+
+
+def test_closed_mode_on_a_full_disk_refuses(tmp_path: Path) -> None:
+    with start_sidecar(
+        tmp_path, REDITUS_SIDECAR_AUDIT="/dev/full", REDITUS_SIDECAR_AUDIT_FAIL="closed"
+    ) as sidecar:
+        status, body = post_token(sidecar.api_url, {"userId": "u"})
+        assert (status, body["error"]["code"]) == (503, "audit_unavailable")  # type: ignore[index]
+        assert (
+            scrape_value(
+                sidecar.metrics_url,
+                'reditus_sidecar_token_errors_total{reason="audit_unavailable"}',
+            )
+            == 1
+        )
+
+
+def test_a_rotated_away_file_is_reopened(tmp_path: Path) -> None:
+    audit_file = tmp_path / "issued.log"
+    with start_sidecar(tmp_path, REDITUS_SIDECAR_AUDIT=str(audit_file)) as sidecar:
+        assert post_token(sidecar.api_url, {"userId": "u"})[0] == 200
+        eventually(lambda: len(records(audit_file)) == 1, what="the first record")
+        os.rename(audit_file, tmp_path / "issued.log.1")  # logrotate's default (create) mode
+        assert post_token(sidecar.api_url, {"userId": "u"})[0] == 200
+        eventually(lambda: len(records(audit_file)) == 1, what="a record in the new file")
+        assert len(records(tmp_path / "issued.log.1")) == 1
+
+
+def test_a_new_key_shows_as_a_new_key_id(tmp_path: Path) -> None:
+    key_file = tmp_path / "audit.key"
+    key_file.write_bytes(AUDIT_KEY)
+    audit_file = tmp_path / "issued.log"
+    with start_sidecar(
+        tmp_path,
+        REDITUS_SIDECAR_AUDIT=str(audit_file),
+        REDITUS_SIDECAR_AUDIT_KEY_FILE=str(key_file),
+    ) as sidecar:
+        assert post_token(sidecar.api_url, {"userId": "u-rotate"})[0] == 200
+        eventually(lambda: len(records(audit_file)) == 1, what="a record under the first key")
+        new_key = AUDIT_KEY[::-1]
+        tmp = tmp_path / "audit.key.new"
+        tmp.write_bytes(new_key)
+        tmp.replace(key_file)
+
+        def rehashed() -> bool:
+            post_token(sidecar.api_url, {"userId": "u-rotate"})
+            last = records(audit_file)[-1]
+            return last["user_hmac"] == hmac.new(new_key, b"u-rotate", hashlib.sha256).hexdigest()
+
+        eventually(rehashed, what="records hashed with the new key")
+        assert (
+            records(audit_file)[-1]["user_key_id"]
+            == (hmac.new(new_key, b"key-id", hashlib.sha256).hexdigest()[:16])
+        )
+        assert records(audit_file)[0]["user_key_id"] != records(audit_file)[-1]["user_key_id"]
+
+
+@pytest.mark.parametrize(
+    ("env", "needle"),
+    [
+        ({"REDITUS_SIDECAR_AUDIT": "audit.log"}, "REDITUS_SIDECAR_AUDIT='audit.log': expected off, stdout or an absolute file path"),
+        ({"REDITUS_SIDECAR_AUDIT": "/no/such/dir/audit.log"}, "directory /no/such/dir does not exist"),
+        ({"REDITUS_SIDECAR_AUDIT": "/tmp"}, "REDITUS_SIDECAR_AUDIT='/tmp': is a directory"),
+        ({"REDITUS_SIDECAR_AUDIT": "stdout", "REDITUS_SIDECAR_AUDIT_FAIL": "maybe"}, "REDITUS_SIDECAR_AUDIT_FAIL='maybe': expected one of open, closed"),
+        ({"REDITUS_SIDECAR_AUDIT": "stdout", "REDITUS_SIDECAR_AUDIT_KEY_FILE": "/no/key"}, "REDITUS_SIDECAR_AUDIT_KEY_FILE='/no/key': no such file"),
+    ],
+)  # fmt: skip
+def test_bad_audit_settings_are_refused(tmp_path: Path, env: dict[str, str], needle: str) -> None:
+    base = {
+        "REDITUS_SIDECAR_SECRET_SOURCE": "file",
+        "REDITUS_SIDECAR_SECRET_FILE": str(tmp_path / "s"),
+    }
+    with pytest.raises(ConfigError) as info:
+        load_settings({**base, **env})
+    assert needle in str(info.value)
+
+
+def test_a_short_audit_key_is_refused(tmp_path: Path) -> None:
+    key_file = tmp_path / "k"
+    key_file.write_bytes(b"short\n")
+    env = {
+        "REDITUS_SIDECAR_SECRET_SOURCE": "file",
+        "REDITUS_SIDECAR_SECRET_FILE": str(tmp_path / "s"),
+        "REDITUS_SIDECAR_AUDIT": "stdout",
+        "REDITUS_SIDECAR_AUDIT_KEY_FILE": str(key_file),
+    }
+    with pytest.raises(ConfigError) as info:
+        load_settings(env)
+    assert "is 5 bytes; at least 32 are needed" in str(info.value)
+
+
+async def test_a_formatting_bug_fails_the_record_instead_of_hanging_the_request(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Failing closed, a request waits for its record: an unexpected error in the writer
+    thread must answer it (not written) and leave the thread alive for the next one."""
+    metrics = Metrics(CollectorRegistry(), ["default"], "test")
+    audit = AuditLog(AuditSettings(str(tmp_path / "a.log"), True, None), metrics)
+    audit.start()
+    record = {
+        "request_id": "r", "product": "default", "product_id": "p", "version": 1,
+        "issued_at": 1, "caller": "tcp", "user_id": "u",
+    }  # fmt: skip
+    broken = audit._line
+    monkeypatch.setattr(audit, "_line", lambda entry: 1 / 0)
+    pending = audit.submit(**record)  # type: ignore[arg-type]
+    assert pending is not None
+    assert await asyncio.wait_for(pending, 10) is False
+    monkeypatch.setattr(audit, "_line", broken)
+    pending = audit.submit(**record)  # type: ignore[arg-type]
+    assert pending is not None
+    assert await asyncio.wait_for(pending, 10) is True
+    await audit.close()
+    assert len(records(tmp_path / "a.log")) == 1
