@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import hmac
+import json
 import signal
 import subprocess
 import urllib.error
@@ -260,3 +261,22 @@ def test_ready_after_the_first_transit_answer_and_sighup_probes(bao: Bao, tmp_pa
         status, body = post_token(sidecar.api_url, {"userId": "u"})
         assert status == 200
         assert signed_with(str(body["token"]), NEW)
+
+
+def test_the_audit_records_the_transit_key_version(bao: Bao, key: str, tmp_path: Path) -> None:
+    """Each record carries the version Vault signed that token with (the `N` of `vault:vN:`),
+    not a count of loads; and never the secret, which this pod never had anyway."""
+    audit = tmp_path / "audit.jsonl"
+    env = transit_env(bao, key, REDITUS_SIDECAR_AUDIT=str(audit))
+    with vault_sidecar(bao.addr, **env) as sidecar:
+        assert post_token(sidecar.api_url, {"userId": "u-before"})[0] == 200
+        import_key(bao, tmp_path, key, NEW, command="import-version")
+        status, body = post_token(sidecar.api_url, {"userId": "u-after"})
+        assert status == 200
+        assert signed_with(str(body["token"]), NEW)
+        eventually(lambda: len(audit.read_text().splitlines()) == 2, what="two audit records")
+    first, second = (json.loads(line) for line in audit.read_text().splitlines())
+    assert (first["version"], second["version"]) == (1, 2)
+    assert first["product_id"] == second["product_id"] == PRODUCT_ID
+    assert "u-after" not in audit.read_text()
+    assert str(body["token"]) not in audit.read_text()
