@@ -790,6 +790,11 @@ def test_schema_rejects_typos_bad_enums_and_exposed_listeners(setting: str, mess
             ["sidecar.shutdownDelay=25"],
             "terminationGracePeriodSeconds (30) must be greater than sidecar.shutdownDelay (25)",
         ),
+        (
+            ["sidecar.shutdownDelay=17"],  # 17 + 10 s drain fits in 30; the revocation does not
+            "sidecar.shutdownDelay (17) + 10 s (its drain of in-flight signing requests) + 3 s"
+            " (revoking its Vault token",
+        ),
     ],
 )
 def test_inconsistent_values_fail_with_a_clear_message(settings: list[str], message: str) -> None:
@@ -797,6 +802,15 @@ def test_inconsistent_values_fail_with_a_clear_message(settings: list[str], mess
     proc = helm_template(*args, check=False)
     assert proc.returncode != 0
     assert message in proc.stderr
+
+
+def test_the_grace_check_counts_the_revocation_only_when_the_sidecar_revokes() -> None:
+    helm_template(
+        "--set", "sidecar.shutdownDelay=17", "--set", "sidecar.vault.revokeOnShutdown=false"
+    )
+    helm_template(
+        *values_args("file-source-values.yaml"), "--set", "sidecar.shutdownDelay=17"
+    )  # no Vault, nothing to revoke
 
 
 def notes(*args: str) -> str:
@@ -871,7 +885,19 @@ def test_notes_explain_the_shutdown_delay() -> None:
     library = " ".join(
         notes("--set", "deployment.enabled=false", "--set", "sidecar.mode=container").split()
     )
-    assert "terminationGracePeriodSeconds must be greater than 15" in library
+    assert "terminationGracePeriodSeconds must be greater than 18" in library
+    assert "+ 3 s to revoke its Vault token" in library
+    no_revoke = " ".join(
+        notes(
+            "--set",
+            "deployment.enabled=false",
+            "--set",
+            "sidecar.mode=container",
+            "--set",
+            "sidecar.vault.revokeOnShutdown=false",
+        ).split()
+    )
+    assert "terminationGracePeriodSeconds must be greater than 15" in no_revoke
 
 
 def test_every_values_key_is_commented() -> None:

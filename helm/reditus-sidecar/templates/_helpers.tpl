@@ -113,6 +113,13 @@ reditus-sidecar.shutdownDelay: the effective sidecar.shutdownDelay in seconds, a
 sidecar get SIGTERM together, the app may still need tokens) and 0 in native mode (the
 kubelet stops the sidecar after the app).
 */}}
+{{- /* Seconds the sidecar may need after the delay: its 10 s drain, plus up to 3 s to revoke
+its Vault token (sidecar.vault.revokeOnShutdown) when it talks to Vault. */}}
+{{- define "reditus-sidecar.stopBudget" -}}
+{{- $revokes := and (has .Values.sidecar.source (list "vault" "transit")) (ne (toString .Values.sidecar.vault.revokeOnShutdown) "false") -}}
+{{- ternary 13 10 $revokes -}}
+{{- end }}
+
 {{- define "reditus-sidecar.shutdownDelay" -}}
 {{- $delay := .Values.sidecar.shutdownDelay -}}
 {{- if kindIs "invalid" $delay -}}
@@ -134,9 +141,11 @@ checks single values; this checks how they fit together). Returns nothing otherw
 {{- /* The grace period check needs this chart's pod; an embedding chart owns its own. */}}
 {{- $delay := int (include "reditus-sidecar.shutdownDelay" .) }}
 {{- $grace := int .Values.deployment.terminationGracePeriodSeconds }}
-{{- if and .Values.deployment.enabled (gt $delay 0) (le $grace (add $delay 10)) }}
+{{- $budget := int (include "reditus-sidecar.stopBudget" .) }}
+{{- if and .Values.deployment.enabled (gt $delay 0) (le $grace (add $delay $budget)) }}
 {{- $why := ternary (printf "%d, the default in container mode" $delay) (toString $delay) (kindIs "invalid" $sc.shutdownDelay) }}
-{{- fail (printf "deployment.terminationGracePeriodSeconds (%d) must be greater than sidecar.shutdownDelay (%s) + 10 s (its drain of in-flight signing requests), or the kubelet kills the sidecar before it has drained: raise terminationGracePeriodSeconds (e.g. to %d) or lower sidecar.shutdownDelay (0 turns the delay off)" $grace $why (add $delay 15)) }}
+{{- $after := ternary "10 s (its drain of in-flight signing requests) + 3 s (revoking its Vault token, sidecar.vault.revokeOnShutdown)" "10 s (its drain of in-flight signing requests)" (eq $budget 13) }}
+{{- fail (printf "deployment.terminationGracePeriodSeconds (%d) must be greater than sidecar.shutdownDelay (%s) + %s, or the kubelet kills the sidecar before it has drained: raise terminationGracePeriodSeconds (e.g. to %d) or lower sidecar.shutdownDelay (0 turns the delay off)" $grace $why $after (add $delay $budget 5)) }}
 {{- end }}
 {{- if and (gt (int $sc.maxStaleness) 0) (lt (int $sc.maxStaleness) (int $sc.refreshInterval)) }}
 {{- fail (printf "sidecar.maxStaleness (%d) must be 0 (off) or at least sidecar.refreshInterval (%d): the sidecar refuses to start otherwise" (int $sc.maxStaleness) (int $sc.refreshInterval)) }}
