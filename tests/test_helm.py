@@ -362,9 +362,9 @@ def test_plain_container_scenario_has_the_default_shutdown_delay() -> None:
             [
                 "sidecar.mode=container",
                 "sidecar.shutdownDelay=20",
-                "deployment.terminationGracePeriodSeconds=31",
+                "deployment.terminationGracePeriodSeconds=34",
             ],
-            ("20", 31),
+            ("20", 34),
         ),
         # Back to the mode's default, as from a parent chart's values.
         (["sidecar.mode=container", "sidecar.shutdownDelay=null"], ("5", 30)),
