@@ -402,16 +402,14 @@ class Cluster:
         return False
 
     def leader(self) -> Node:
-        """The node answering 200 on sys/health now."""
+        """The node answering 200 on sys/health now (waits for one)."""
         found: list[Node] = []
-        _wait(
-            lambda: (
-                found.extend(n for n in self.nodes if n.running() and health(n.addr) == 200)
-                or found
-            ),
-            30,
-            lambda: "no active node\n" + self.logs(),
-        )
+
+        def active() -> bool:
+            found[:] = [n for n in self.nodes if n.running() and health(n.addr) == 200]
+            return bool(found)
+
+        _wait(active, 30, lambda: "no active node\n" + self.logs())
         return found[0]
 
     def peers(self) -> list[dict[str, Any]]:
@@ -454,12 +452,18 @@ class Cluster:
             lambda: "cluster not healthy\n" + self.logs(),
         )
 
-    def wait_serving(self, timeout: float = 30) -> float:
-        """Block until HAProxy routes to the active node only; returns when that happened."""
+    def wait_serving(self, timeout: float = 30, *, not_on: Node | None = None) -> float:
+        """Block until HAProxy routes to the active node only (another one than `not_on`);
+        returns when that happened."""
         assert self.proxy is not None
         proxy = self.proxy
+
+        def serving() -> bool:
+            up = proxy.up()
+            return len(up) == 1 and (not_on is None or up[0] != not_on.name)
+
         _wait(
-            lambda: len(proxy.up()) == 1 and health(self.addr) == 200,
+            lambda: serving() and health(self.addr) == 200,
             timeout,
             lambda: "HAProxy routes to no active node\n" + self.logs(),
         )
@@ -509,6 +513,7 @@ def openbao_cluster(workdir: Path | None = None) -> Iterator[Cluster]:
     """A started cluster, stopped by PID afterwards (work directory removed if ours)."""
     own = workdir is None
     cluster = Cluster(workdir or Path(tempfile.mkdtemp(prefix="reditus-openbao-ha-")))
+    cluster.workdir.mkdir(parents=True, exist_ok=True)
     try:
         cluster.start()
         yield cluster
