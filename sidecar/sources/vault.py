@@ -240,11 +240,20 @@ class VaultSession:
             await asyncio.sleep(STALE_TOKEN_PAUSE)
 
     async def _renew(self, state: TokenState) -> bool:
-        """Renew once; a refused renewal marks the token for a new login."""
+        """Renew once; a refused renewal (4xx) marks the token for a new login, an
+        unavailable Vault (429, 5xx) is retried with the token kept."""
         try:
             renewed = await renew(self.transport, state)
         except VaultHTTPError as exc:
             self._count_renewal("error")
+            if exc.status == 429 or exc.status >= 500:
+                # Sealed, failing over, or a load balancer with no active node behind it:
+                # the token is still good. Retry on the backoff; a login would fail too.
+                log.warning(
+                    "Vault token renewal failed",
+                    extra={"status": exc.status, "error": exc.said()},
+                )
+                return False
             log.warning(
                 "Vault refused to renew the token; logging in again",
                 extra={"status": exc.status, "error": exc.said()},
