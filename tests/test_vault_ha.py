@@ -280,3 +280,8 @@ def test_renewal_answered_503_keeps_the_token(
         eventually(lambda: renewals("success") >= 1, timeout=10, what="the renewal retried")
         seen = parse(scrape(sidecar.metrics_url), 0)
         assert (seen.logins, seen.login_errors) == (1, 0), sidecar.output()
+        # HAProxy's answer is an HTML page: the log says so instead of quoting the markup.
+        failed = [r for r in sidecar.log_records() if r.get("msg") == "Vault token renewal failed"]
+        assert failed, sidecar.output()
+        assert all("an HTML page, not a Vault answer" in str(r["error"]) for r in failed)
+        assert "<html" not in sidecar.output().lower()

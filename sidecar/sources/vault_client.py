@@ -82,6 +82,9 @@ class VaultHTTPError(Exception):
     def said(self, scrub: Iterable[str] = ()) -> str:
         """Vault's own error text, shortened and with any credential we hold masked."""
         text = "; ".join(e for e in self.errors if isinstance(e, str)) or "no error text"
+        if text.lstrip().startswith("<"):
+            # Not Vault's JSON: an HTML page from a proxy or load balancer in front of it.
+            text = f"an HTML page, not a Vault answer (a proxy or load balancer said {self.status})"
         for value in scrub:
             if value:
                 text = text.replace(value, "********")
