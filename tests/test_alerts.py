@@ -25,7 +25,26 @@ WANTED = {
     "ReditusSidecarVaultLoginFailing",
     "ReditusSidecarVaultTokenNearExpiry",
     "ReditusSidecarTokenErrorRatioHigh",
+    "ReditusSidecarVaultClientCertNearExpiry",
+    "ReditusSidecarVaultClientCertExpiryImminent",
+    "ReditusSidecarVaultClientCertReloadFailing",
+    "ReditusSidecarTransitCallsFailing",
+    "ReditusSidecarAuditWriteFailing",
+    "ReditusSidecarCallersRefused",
 }
+# One deliberate break per rule of the mTLS, transit and audit features, each of which the
+# unit tests must catch: a threshold moved, a `for` shortened past a blip, a guard dropped.
+MUTATIONS = [
+    ("ReditusSidecarVaultClientCertNearExpiry", "< 7 * 86400", "< 8 * 86400"),
+    ("ReditusSidecarVaultClientCertExpiryImminent", "< 86400", "< 2 * 86400"),
+    ("ReditusSidecarVaultClientCertReloadFailing", "for: 10m", "for: 0m"),
+    ("ReditusSidecarVaultClientCertReloadFailing", 'result="success"', 'result="none"'),
+    ("ReditusSidecarTransitCallsFailing", "for: 10m", "for: 5m"),
+    ("ReditusSidecarTransitCallsFailing", "> 0.1", "> 1"),
+    ("ReditusSidecarAuditWriteFailing", "for: 10m", "for: 4m"),
+    ("ReditusSidecarCallersRefused", '{reason="caller_not_allowed"}', ""),
+    ("ReditusSidecarCallersRefused", "for: 15m", "for: 3m"),
+]
 METRIC = re.compile(r"\breditus_sidecar_[a-z_]+\b")
 
 
@@ -70,6 +89,24 @@ def test_promtool_tests_catch_a_changed_rule(tmp_path: Path) -> None:
     proc = promtool_run("test", "rules", RULE_TESTS.name, cwd=tmp_path)
     assert proc.returncode != 0
     assert "ReditusSidecarNotReady" in proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize(("alert", "before", "after"), MUTATIONS)
+def test_promtool_tests_catch_a_broken_rule(
+    alert: str, before: str, after: str, tmp_path: Path
+) -> None:
+    """Guards the unit tests of each new rule: the changed rule must make them fail."""
+    text = RULES.read_text()
+    start = text.index(f"- alert: {alert}\n")
+    end = text.find("- alert: ", start + 1)
+    end = len(text) if end == -1 else end
+    rule = text[start:end]
+    assert rule.count(before) == 1, rule
+    (tmp_path / RULES.name).write_text(text[:start] + rule.replace(before, after) + text[end:])
+    shutil.copy(RULE_TESTS, tmp_path / RULE_TESTS.name)
+    proc = promtool_run("test", "rules", RULE_TESTS.name, cwd=tmp_path)
+    assert proc.returncode != 0
+    assert f"alertname: {alert}," in proc.stdout + proc.stderr
 
 
 def test_every_alert_is_documented_and_has_firing_and_quiet_cases() -> None:

@@ -1,13 +1,17 @@
 """The Grafana dashboard of deploy/grafana, evaluated by a real Prometheus.
 
-A sidecar runs with the file source; a real `prometheus` (Debian package) scrapes its ops
-port every second from its own temporary storage; the test sends signing traffic, then
+Two sidecars run: one with the file source, one in transit mode against a real OpenBao that
+requires a client certificate (mutual TLS), with the issuance audit on and an allow-list
+that refuses a caller of another uid. A real `prometheus` (Debian package) scrapes both ops
+ports every second from its own temporary storage; the test sends signing traffic, then
 evaluates every panel query through Prometheus' HTTP API the way Grafana would (variables
 substituted). Every metric name in the dashboard must exist in the live scrape.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
+import datetime
 import json
 import math
 import os
@@ -23,6 +27,16 @@ from typing import Any
 
 import pytest
 
+from sidecar.devserver import OpenBaoDevServer
+from tests.openbao import (
+    Bao,
+    make_ca,
+    make_client_cert,
+    make_server_cert,
+    tls_listener,
+    unique,
+    vault_sidecar,
+)
 from tests.support import (
     ROOT,
     SidecarProcess,
@@ -30,13 +44,15 @@ from tests.support import (
     free_port,
     post_token,
     scrape,
+    sign_as,
     start_sidecar,
     wait_http,
 )
+from tests.test_transit import bao_cli, import_key
 
 DASHBOARD = ROOT / "deploy" / "grafana" / "reditus-sidecar.json"
 METRIC = re.compile(r"\breditus_sidecar_[a-z_]+\b")
-NAMESPACE, POD = "shop", "shop-7d9c-abcde"
+NAMESPACE, POD, TRANSIT_POD = "shop", "shop-7d9c-abcde", "shop-transit-5f6b-fghij"
 # What Grafana substitutes; $__rate_interval is at least 4 scrape intervals.
 VARIABLES = {
     "$__rate_interval": "15s",
@@ -44,8 +60,10 @@ VARIABLES = {
     "$namespace": NAMESPACE,
     "$pod": POD,
 }
-# Panels that may legitimately be empty with a file-source sidecar.
+# Panels that may legitimately be empty for both sidecars (neither has an expiring token).
 MAY_BE_EMPTY = {"Vault token time left"}
+CERT_LIFETIME = datetime.timedelta(hours=1)
+STRANGER = 4998  # uid and gid of a process the transit sidecar's allow-list refuses
 
 
 def dashboard() -> dict[str, Any]:
@@ -60,8 +78,10 @@ def queries() -> list[tuple[str, str]]:
     return [(p["title"], t["expr"]) for p in panels() for t in p["targets"]]
 
 
-def substitute(expr: str) -> str:
-    for name, value in sorted(VARIABLES.items(), key=lambda kv: -len(kv[0])):
+def substitute(expr: str, pod: str = POD) -> str:
+    """The expression as Grafana sends it with `pod` selected (a regex: Grafana's multi-value
+    variables become `a|b`)."""
+    for name, value in sorted({**VARIABLES, "$pod": pod}.items(), key=lambda kv: -len(kv[0])):
         expr = expr.replace(name, value)
     assert "$" not in expr, expr
     return expr
@@ -96,22 +116,66 @@ def sidecar(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SidecarProcess
 
 
 @pytest.fixture(scope="module")
+def transit_sidecar(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SidecarProcess]:
+    """Transit mode over mutual TLS (OpenBao requires a client certificate on its TLS
+    listener), the audit written to a file, and only uid 0 (this test) allowed to sign."""
+    tmp = tmp_path_factory.mktemp("transit")
+    server_ca, ca_key, ca_cert = make_ca(tmp, "server-ca")
+    server_cert, server_key = make_server_cert(tmp, ca_key, ca_cert)
+    client_ca, client_ca_key, client_ca_cert = make_ca(tmp, "client-ca")
+    cert, key = make_client_cert(
+        tmp, "client", client_ca_key, client_ca_cert, common_name="shop", lifetime=CERT_LIFETIME
+    )
+    hcl, port = tls_listener(server_cert, server_key, client_ca=client_ca)
+    with OpenBaoDevServer(extra_config=hcl) as server:
+        bao = Bao(server)
+        bao_cli(bao, tmp, "secrets", "enable", "transit")
+        name = unique("dashboard")
+        import_key(bao, tmp, name, "dashboard-secret-" + "d" * 64)
+        with vault_sidecar(
+            f"https://127.0.0.1:{port}",
+            VAULT_TOKEN=bao.root_token,
+            VAULT_CACERT=str(server_ca),
+            VAULT_CLIENT_CERT=str(cert),
+            VAULT_CLIENT_KEY=str(key),
+            REDITUS_SIDECAR_SECRET_SOURCE="transit",
+            REDITUS_SIDECAR_TRANSIT_KEY=name,
+            REDITUS_SIDECAR_PRODUCT_ID="prod-dashboard",
+            REDITUS_SIDECAR_AUDIT=str(tmp / "audit.jsonl"),
+            REDITUS_SIDECAR_ALLOWED_UIDS="0",
+        ) as process:
+            yield process
+
+
+def transit_traffic(sidecar: SidecarProcess) -> None:
+    """Concurrent tokens (so that some share a transit call) and one refused caller."""
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        results = list(
+            pool.map(lambda i: post_token(sidecar.api_url, {"userId": f"t-{i}"}), range(16))
+        )
+    assert all(status == 200 for status, _ in results), results
+    status, _ = sign_as("tcp:" + sidecar.api_url.removeprefix("http://"), STRANGER, STRANGER)
+    assert status == 403
+
+
+@pytest.fixture(scope="module")
 def prometheus(
-    sidecar: SidecarProcess, tmp_path_factory: pytest.TempPathFactory
+    sidecar: SidecarProcess,
+    transit_sidecar: SidecarProcess,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Prometheus]:
     workdir = tmp_path_factory.mktemp("prometheus")
-    target = sidecar.metrics_url.removeprefix("http://")
+    # The labels Kubernetes service discovery would attach.
+    static_configs = [
+        {
+            "targets": [process.metrics_url.removeprefix("http://")],
+            "labels": {"namespace": NAMESPACE, "pod": pod},
+        }
+        for process, pod in ((sidecar, POD), (transit_sidecar, TRANSIT_POD))
+    ]
     config = {
         "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-        "scrape_configs": [
-            {
-                "job_name": "reditus-sidecar",
-                # The labels Kubernetes service discovery would attach.
-                "static_configs": [
-                    {"targets": [target], "labels": {"namespace": NAMESPACE, "pod": POD}}
-                ],
-            }
-        ],
+        "scrape_configs": [{"job_name": "reditus-sidecar", "static_configs": static_configs}],
     }
     (workdir / "prometheus.yml").write_text(json.dumps(config))
     port = free_port()
@@ -139,11 +203,16 @@ def prometheus(
                 assert status == 200
             post_token(sidecar.api_url, {"userId": 7})  # invalid_request
             post_token(sidecar.api_url, {"userId": "u"}, headers={"X-Sidecar-Request": "no"})
-            issued = server.query(
-                f'sum(rate(reditus_sidecar_tokens_issued_total{{pod="{POD}"}}[15s])) > 0'
-            )
-            errors = server.query("sum(rate(reditus_sidecar_token_errors_total[15s])) > 0")
-            if issued and errors:
+            transit_traffic(transit_sidecar)
+            wanted = [
+                f'sum(rate(reditus_sidecar_tokens_issued_total{{pod="{POD}"}}[15s])) > 0',
+                f'sum(rate(reditus_sidecar_token_errors_total{{pod="{POD}"}}[15s])) > 0',
+                f'sum(rate(reditus_sidecar_transit_calls_total{{pod="{TRANSIT_POD}"}}[15s])) > 0',
+                f'sum(rate(reditus_sidecar_audit_records_total{{pod="{TRANSIT_POD}"}}[15s])) > 0',
+                f'sum(rate(reditus_sidecar_token_errors_total{{pod="{TRANSIT_POD}",'
+                f' reason="caller_not_allowed"}}[15s])) > 0',
+            ]
+            if all(server.query(expr) for expr in wanted):
                 break
             if time.monotonic() > deadline:
                 pytest.fail(
@@ -192,6 +261,12 @@ def test_dashboard_shape() -> None:
         "Open connections",
         "Connections shed",
         "Malformed HTTP",
+        "Transit calls",
+        "Transit call latency",
+        "Transit batch size",
+        "Client certificate time left",
+        "Audit records",
+        "Callers refused",
     ):
         assert wanted in titles
     latency = next(p for p in panels() if p["title"] == "Signing latency")
@@ -213,10 +288,13 @@ def test_every_metric_in_the_dashboard_is_exported(sidecar: SidecarProcess) -> N
     ("title", "expr"), queries(), ids=[f"{t}-{i}" for i, (t, _) in enumerate(queries())]
 )
 def test_panel_query_evaluates(title: str, expr: str, prometheus: Prometheus) -> None:
-    result = prometheus.query(substitute(expr))
+    """With both pods selected: the transit, certificate and audit panels have their data
+    from the transit sidecar only."""
+    query = substitute(expr, pod=f"{POD}|{TRANSIT_POD}")
+    result = prometheus.query(query)
     if title in MAY_BE_EMPTY:
         return
-    assert result, f"{title}: no data for {substitute(expr)}"
+    assert result, f"{title}: no data for {query}"
 
 
 def test_panel_values_match_the_running_sidecar(prometheus: Prometheus) -> None:
@@ -257,4 +335,49 @@ def test_variable_queries_find_the_pod(prometheus: Prometheus) -> None:
         selector, label = match.groups()
         body = prometheus.get(f"/api/v1/label/{label}/values", **{"match[]": substitute(selector)})
         assert body["status"] == "success"
-        assert body["data"] == [{"namespace": NAMESPACE, "pod": POD}[label]]
+        assert body["data"] == {"namespace": [NAMESPACE], "pod": sorted([POD, TRANSIT_POD])}[label]
+
+
+def test_transit_certificate_and_audit_panels(prometheus: Prometheus) -> None:
+    by_title = {p["title"]: p for p in panels()}
+
+    def values(title: str, pod: str, legend: str | None = None) -> list[dict[str, Any]]:
+        targets = by_title[title]["targets"]
+        target = (
+            targets[0]
+            if legend is None
+            else next(t for t in targets if t["legendFormat"] == legend)
+        )
+        return prometheus.query(substitute(target["expr"], pod=pod))
+
+    def by_label(samples: list[dict[str, Any]], label: str) -> dict[str, float]:
+        return {s["metric"][label]: float(s["value"][1]) for s in samples}
+
+    calls = by_label(values("Transit calls", TRANSIT_POD), "result")
+    assert calls["success"] > 0
+    assert calls["error"] == 0
+    # The file-source pod makes no transit calls: its pre-initialised series stay at 0.
+    assert set(by_label(values("Transit calls", POD), "result").values()) == {0}
+    for p in ("p50", "p90", "p99"):
+        (sample,) = values("Transit call latency", TRANSIT_POD, p)
+        assert 0 < float(sample["value"][1]) < math.inf
+    (mean,) = values("Transit batch size", TRANSIT_POD, "mean")
+    assert 1 <= float(mean["value"][1]) <= 8  # 8 requests at a time at most
+    for p in ("p50", "p99"):
+        (sample,) = values("Transit batch size", TRANSIT_POD, p)
+        # histogram_quantile interpolates inside the (0, 1] bucket: below 1 is fine
+        assert 0 < float(sample["value"][1]) <= 8
+
+    (left,) = values("Client certificate time left", TRANSIT_POD)
+    assert 0 < float(left["value"][1]) <= CERT_LIFETIME.total_seconds()
+    assert values("Client certificate time left", POD) == []  # no client certificate
+
+    (written,) = values("Audit records", TRANSIT_POD, "written")
+    assert float(written["value"][1]) > 0
+    lost = by_label(values("Audit records", TRANSIT_POD, "lost {{reason}}"), "reason")
+    assert lost == {"write": 0, "queue_full": 0}
+    (refused,) = values("Callers refused", TRANSIT_POD)
+    assert refused["metric"]["pod"] == TRANSIT_POD
+    assert float(refused["value"][1]) > 0
+    (none_refused,) = values("Callers refused", POD)
+    assert float(none_refused["value"][1]) == 0
