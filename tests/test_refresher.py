@@ -245,7 +245,8 @@ async def test_a_storm_of_sighups_coalesces_into_one_more_read(
         for _ in range(100):  # and a second storm after it: again one read, spaced
             ref.refresh_now()
         await eventually_async(lambda: src.calls == 3, what="the read after the second storm")
-        await asyncio.sleep(1.5)  # more than the spacing: nothing else was owed
+        # what is measured: no read in a window longer than the spacing (nothing else was owed)
+        await asyncio.sleep(1.5)
         assert src.calls == 3
     finally:
         await ref.stop()
@@ -278,7 +279,7 @@ async def test_file_watch_leaves_a_broken_file_to_the_backoff(
     ref.start()
     try:
         await eventually_async(lambda: src.calls >= 2, what="the first retry")
-        await asyncio.sleep(2.5)
+        await asyncio.sleep(2.5)  # what is measured: how many reads a 2.5 s window holds
         assert src.calls <= 3  # reads at 0, ~0.5-1, ~1.5-3 s; one per watch tick would be 5
         assert store.current("default") is None
         errors = sample(
@@ -323,16 +324,13 @@ async def test_file_changes_are_picked_up_without_waiting_for_the_interval(
     ref, store = refresher(registry, src, interval=3600.0)
     ref.start()
     try:
-        for _ in range(40):
-            if store.current("default"):
-                break
-            await asyncio.sleep(0.05)
+        await eventually_async(lambda: store.current("default"), what="the first read")
         write_secret(path, "p", "two")
-        for _ in range(60):  # the 1 s watch notices, long before the hour
-            snapshot = store.current("default")
-            if snapshot and snapshot.version == 2:
-                break
-            await asyncio.sleep(0.05)
+        # the 1 s watch notices, long before the hour
+        await eventually_async(
+            lambda: (snap := store.current("default")) is not None and snap.version == 2,
+            what="the watch re-read",
+        )
         snapshot = store.current("default")
         assert snapshot is not None
         assert snapshot.version == 2
