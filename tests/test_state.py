@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
+
+import pytest
 
 from sidecar.redact import Redacted
 from sidecar.signer import TokenSigner
@@ -48,3 +51,10 @@ def test_ready_needs_every_product_and_no_shutdown() -> None:
     assert store.current("b").version == 2  # type: ignore[union-attr]
     store.shutting_down = True
     assert not store.ready()
+
+
+def test_a_snapshot_cannot_be_changed_in_place() -> None:
+    """The API may hold a snapshot while the refresher swaps in the next: never half a secret."""
+    snap = snapshot()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        snap.version = 2  # type: ignore[misc]
