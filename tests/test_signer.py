@@ -13,6 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import sidecar.signer
 from sidecar.redact import Redacted
 from sidecar.signer import TokenSigner
 
@@ -150,7 +151,10 @@ def test_signing_a_short_secret_warns_once_not_per_token(recwarn: pytest.Warning
     signer = TokenSigner("prod-1", Redacted("short"))
     for i in range(100):
         signer.sign(f"u-{i}", 1700000000 + i)
-    assert len(recwarn) == 0
+    # Only warnings raised here or in the signer count: the recorder is process-wide, and
+    # objects of earlier tests (collected now, or in their leftover threads) may warn too.
+    ours = [w for w in recwarn if w.filename in (__file__, sidecar.signer.__file__)]
+    assert ours == []
     assert signer.key_length_warning is not None
     assert "below" in signer.key_length_warning
     assert TokenSigner("p", Redacted(SECRET)).key_length_warning is None
