@@ -160,3 +160,13 @@ async def test_a_fifo_is_refused_without_blocking(tmp_path: Path) -> None:
     directory.mkdir()
     with pytest.raises(SecretUnavailable, match="is a directory, not a regular file"):
         await source(directory).fetch()
+
+
+async def test_the_size_limit_is_64_kib_exactly(tmp_path: Path) -> None:
+    path = tmp_path / "s.json"
+    body = json.dumps({"product_id": "p", "product_secret": "s" * 64})
+    path.write_text(body + " " * (64 * 1024 - len(body)))  # whitespace pads valid JSON
+    assert (await source(path).fetch()).secret.reveal() == "s" * 64
+    path.write_text(body + " " * (64 * 1024 + 1 - len(body)))
+    with pytest.raises(SecretInvalid, match="larger than 65536 bytes"):
+        await source(path).fetch()
