@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 from pathlib import Path
 
 import jwt
+import pytest
 from prometheus_client import CollectorRegistry
 
 from sidecar.errors import SecretUnavailable
@@ -337,3 +339,29 @@ async def test_file_changes_are_picked_up_without_waiting_for_the_interval(
         jwt.decode(snapshot.signer.sign("u", 1), "two", algorithms=["HS512"])
     finally:
         await ref.stop()
+
+
+async def test_logs_say_loaded_then_rotated_and_warn_on_a_weak_secret_once(
+    registry: CollectorRegistry, caplog: pytest.LogCaptureFixture
+) -> None:
+    src = ScriptedSource()
+    ref, _store = refresher(registry, src)
+    strong = "s" * 64
+    caplog.set_level(logging.INFO, logger="sidecar.refresher")
+    src.answer = material(strong, 1)
+    await ref.refresh("default")
+    await ref.refresh("default")  # unchanged: no record
+    src.answer = material("short", 2)
+    await ref.refresh("default")
+    await ref.refresh("default")  # the weak secret again: no second warning
+    records = [
+        (r.msg, getattr(r, "version", None), getattr(r, "previous_version", None))
+        for r in caplog.records
+        if r.name == "sidecar.refresher"
+    ]
+    assert records == [
+        ("secret loaded", 1, None),
+        ("secret rotated", 2, 1),
+        ("weak product secret", None, None),
+    ]
+    assert all(strong not in r.getMessage() + str(r.__dict__) for r in caplog.records)
