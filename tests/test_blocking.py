@@ -3,14 +3,15 @@ up the interpreter's exit (a hung Vault or network mount must not stop a shutdow
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 import textwrap
 
 import pytest
 
-from sidecar.blocking import start_in_thread
-from tests.support import ROOT
+from sidecar.blocking import cancel_and_wait, start_in_thread
+from tests.support import ROOT, eventually_async
 
 
 async def test_the_result_and_the_exception_reach_the_loop() -> None:
@@ -41,3 +42,24 @@ def test_a_call_that_never_returns_does_not_hold_the_exit() -> None:
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout == "leaving\n"
+
+
+async def test_cancel_and_wait_ends_a_loop_that_lost_a_cancellation() -> None:
+    """Python 3.11's wait_for can swallow a cancellation; the loop must still be stopped."""
+    rounds = []
+
+    async def loop() -> None:
+        swallowed = False
+        while True:
+            try:
+                await asyncio.sleep(0.01)
+            except asyncio.CancelledError:
+                if swallowed:
+                    raise
+                swallowed = True  # what wait_for does when the call completes at that moment
+            rounds.append(1)
+
+    task = asyncio.get_running_loop().create_task(loop())
+    await eventually_async(lambda: rounds, what="the loop running")
+    await asyncio.wait_for(cancel_and_wait([task]), 5)
+    assert task.cancelled()

@@ -17,6 +17,7 @@ import random
 import time
 from typing import TYPE_CHECKING, Any
 
+from ..blocking import cancel_and_wait
 from ..config import Product, VaultSettings
 from ..errors import SecretInvalid, SecretUnavailable, SourceError
 from ..refresher import backoff_delay
@@ -73,9 +74,7 @@ class VaultSession:
         """Stop at once, even with a call to a hung Vault in flight (its thread is dropped)."""
         task, self._task = self._task, None
         if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await cancel_and_wait([task])
         self.transport.close()
         self._state = None
         if self.metrics is not None:
