@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
 import threading
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from sidecar.errors import SecretInvalid, SecretUnavailable
+from sidecar.sources.base import material_from_mapping
 from sidecar.sources.file import FileSource
 from tests.support import write_secret
 
@@ -170,3 +172,13 @@ async def test_the_size_limit_is_64_kib_exactly(tmp_path: Path) -> None:
     path.write_text(body + " " * (64 * 1024 + 1 - len(body)))
     with pytest.raises(SecretInvalid, match="larger than 65536 bytes"):
         await source(path).fetch()
+
+
+def test_a_read_cannot_be_changed_after_the_fact() -> None:
+    """The refresher compares and installs what a source returned: it must stay as read."""
+    material = material_from_mapping(
+        {"product_id": "p", "product_secret": "s"}, product_id_key="product_id",
+        secret_key="product_secret", version=1, where="test",
+    )  # fmt: skip
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        material.version = 2  # type: ignore[misc]

@@ -152,9 +152,33 @@ async def test_retry_after_follows_the_backoff(registry: CollectorRegistry) -> N
     ref.rng = Extreme(True)  # type: ignore[assignment]
     ref.start()
     try:
+        # a failed read schedules the next attempt before the loop yields: the step of the
+        # second failure is visible as soon as the second call is
+        await eventually_async(lambda: src.calls == 1, what="the first attempt")
+        assert ref.retry_after("default") == 1
         await eventually_async(lambda: src.calls == 2, what="the second attempt")
-        await eventually_async(lambda: ref.retry_after("default") != 1)
         assert ref.retry_after("default") == 2  # the second backoff step, 2 s
+    finally:
+        await ref.stop()
+
+
+async def test_a_success_starts_the_backoff_again_from_one_second(
+    registry: CollectorRegistry,
+) -> None:
+    src = ScriptedSource()
+    src.answer = material("one", 1)
+    ref, _store = refresher(registry, src, interval=100.0, backoff_max=30.0)
+    ref.rng = Extreme(True)  # type: ignore[assignment]
+    assert ref.retry_after("default") == 1  # nothing scheduled yet: retry in a second
+    ref.start()
+    try:
+        await eventually_async(lambda: src.calls == 1, what="the good read")
+        src.answer = SecretUnavailable("down")
+        ref.refresh_now()
+        await eventually_async(lambda: src.calls == 2, what="the first failure")
+        assert ref.retry_after("default") == 1
+        await eventually_async(lambda: src.calls == 3, what="the second failure")
+        assert ref.retry_after("default") == 2
     finally:
         await ref.stop()
 
@@ -181,6 +205,14 @@ async def test_a_crashing_source_is_counted_not_fatal(registry: CollectorRegistr
     assert not await ref.refresh("default")
     name = "reditus_sidecar_secret_refresh_total"
     assert sample(registry, name, product="default", result="error") == 1
+
+
+def test_backoff_steps_double_from_one_second_to_the_cap() -> None:
+    top = [backoff_delay(n, 30, Extreme(True)) for n in range(1, 8)]  # type: ignore[arg-type]
+    bottom = [backoff_delay(n, 30, Extreme(False)) for n in range(1, 8)]  # type: ignore[arg-type]
+    assert top == [1, 2, 4, 8, 16, 30, 30]
+    assert bottom == [0.5, 1, 2, 4, 8, 15, 15]
+    assert backoff_delay(0, 30, Extreme(True)) == 1  # type: ignore[arg-type]
 
 
 def test_backoff_grows_from_one_second_to_the_cap() -> None:
