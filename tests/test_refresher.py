@@ -397,3 +397,24 @@ async def test_logs_say_loaded_then_rotated_and_warn_on_a_weak_secret_once(
         ("weak product secret", None, None),
     ]
     assert all(strong not in r.getMessage() + str(r.__dict__) for r in caplog.records)
+
+
+async def test_any_other_version_is_installed_even_an_older_one(
+    registry: CollectorRegistry,
+) -> None:
+    """Vault's version is what the metric and the logs report: a source that answers an
+    older version (a restored backup) with the same secret is still a change."""
+    src = ScriptedSource()
+    ref, store = refresher(registry, src)
+    src.answer = material("same", 5)
+    await ref.refresh("default")
+    src.answer = material("same", 4)
+    await ref.refresh("default")
+    assert store.current("default").version == 4  # type: ignore[union-attr]
+    assert sample(registry, "reditus_sidecar_secret_version", product="default") == 4
+    assert (
+        sample(
+            registry, "reditus_sidecar_secret_refresh_total", product="default", result="changed"
+        )
+        == 2
+    )
