@@ -182,3 +182,11 @@ def test_a_read_cannot_be_changed_after_the_fact() -> None:
     )  # fmt: skip
     with pytest.raises(dataclasses.FrozenInstanceError):
         material.version = 2  # type: ignore[misc]
+
+
+async def test_a_file_that_fails_while_being_read_is_unavailable() -> None:
+    """A regular file whose read fails (EIO, as on a failing network mount) is an
+    unavailable secret with the reason, not a crash: /proc/self/mem at offset 0 does that."""
+    src = source(Path("/proc/self/mem"))
+    with pytest.raises(SecretUnavailable, match="cannot read: Input/output error"):
+        await src.fetch()
