@@ -418,3 +418,34 @@ async def test_any_other_version_is_installed_even_an_older_one(
         )
         == 2
     )
+
+
+async def test_a_newer_version_is_a_change_and_a_large_one_read_again_is_not(
+    registry: CollectorRegistry,
+) -> None:
+    src = ScriptedSource()
+    ref, store = refresher(registry, src)
+    for version in (5, 6, 1000, 1000):  # same secret; versions past the small-int cache
+        src.answer = material("same", int(str(version)))  # a new int object, as a read gives
+        await ref.refresh("default")
+        assert store.current("default").version == version  # type: ignore[union-attr]
+    changed = sample(
+        registry, "reditus_sidecar_secret_refresh_total", product="default", result="changed"
+    )
+    unchanged = sample(
+        registry, "reditus_sidecar_secret_refresh_total", product="default", result="unchanged"
+    )
+    assert (changed, unchanged) == (3, 1)
+    assert sample(registry, "reditus_sidecar_secret_version", product="default") == 1000
+
+
+async def test_retry_after_is_never_below_one_second(registry: CollectorRegistry) -> None:
+    """Retry-After: 0 would tell clients to hammer; even a sub-second backoff says 1."""
+    src = ScriptedSource()  # always failing
+    ref, _store = refresher(registry, src, interval=100.0, backoff_max=0.5)
+    ref.start()
+    try:
+        await eventually_async(lambda: src.calls >= 1, what="the first attempt")
+        assert ref.retry_after("default") == 1
+    finally:
+        await ref.stop()
