@@ -190,3 +190,10 @@ async def test_a_file_that_fails_while_being_read_is_unavailable() -> None:
     src = source(Path("/proc/self/mem"))
     with pytest.raises(SecretUnavailable, match="cannot read: Input/output error"):
         await src.fetch()
+
+
+async def test_a_path_that_cannot_be_opened_is_unavailable(tmp_path: Path) -> None:
+    """Any open error besides a missing file is named too (here: a file used as a directory)."""
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(SecretUnavailable, match="cannot read: Not a directory"):
+        await source(tmp_path / "file" / "s.json").fetch()
