@@ -37,3 +37,16 @@ def start_in_thread(fn: Callable[[], T], *, name: str) -> asyncio.Future[T]:
 
     threading.Thread(target=run, name=name, daemon=True).start()
     return future
+
+
+async def cancel_and_wait(tasks: list[asyncio.Task[None]]) -> None:
+    """Cancel background loops and wait until they have ended.
+
+    One `cancel()` is not always enough on Python 3.11: `asyncio.wait_for` drops a
+    cancellation that arrives just as the awaited call completes, and a `while True` loop
+    then goes on for ever while its owner awaits it. So cancel again until each is done."""
+    pending = {task for task in tasks if not task.done()}
+    while pending:
+        for task in pending:
+            task.cancel()
+        _, pending = await asyncio.wait(pending, timeout=0.1)

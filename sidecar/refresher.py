@@ -14,6 +14,7 @@ import random
 import time
 from collections.abc import Callable, Mapping
 
+from .blocking import cancel_and_wait
 from .errors import SourceError
 from .metrics import Metrics
 from .signer import TokenSigner
@@ -179,7 +180,5 @@ class Refresher:
         self._tasks.append(loop.create_task(self._watch(), name="refresh:watch"))
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await cancel_and_wait(self._tasks)
         self._tasks = []

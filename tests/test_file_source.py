@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
 import threading
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from sidecar.errors import SecretInvalid, SecretUnavailable
+from sidecar.sources.base import material_from_mapping
 from sidecar.sources.file import FileSource
 from tests.support import write_secret
 
@@ -160,3 +162,38 @@ async def test_a_fifo_is_refused_without_blocking(tmp_path: Path) -> None:
     directory.mkdir()
     with pytest.raises(SecretUnavailable, match="is a directory, not a regular file"):
         await source(directory).fetch()
+
+
+async def test_the_size_limit_is_64_kib_exactly(tmp_path: Path) -> None:
+    path = tmp_path / "s.json"
+    body = json.dumps({"product_id": "p", "product_secret": "s" * 64})
+    path.write_text(body + " " * (64 * 1024 - len(body)))  # whitespace pads valid JSON
+    assert (await source(path).fetch()).secret.reveal() == "s" * 64
+    path.write_text(body + " " * (64 * 1024 + 1 - len(body)))
+    with pytest.raises(SecretInvalid, match="larger than 65536 bytes"):
+        await source(path).fetch()
+
+
+def test_a_read_cannot_be_changed_after_the_fact() -> None:
+    """The refresher compares and installs what a source returned: it must stay as read."""
+    material = material_from_mapping(
+        {"product_id": "p", "product_secret": "s"}, product_id_key="product_id",
+        secret_key="product_secret", version=1, where="test",
+    )  # fmt: skip
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        material.version = 2  # type: ignore[misc]
+
+
+async def test_a_file_that_fails_while_being_read_is_unavailable() -> None:
+    """A regular file whose read fails (EIO, as on a failing network mount) is an
+    unavailable secret with the reason, not a crash: /proc/self/mem at offset 0 does that."""
+    src = source(Path("/proc/self/mem"))
+    with pytest.raises(SecretUnavailable, match="cannot read: Input/output error"):
+        await src.fetch()
+
+
+async def test_a_path_that_cannot_be_opened_is_unavailable(tmp_path: Path) -> None:
+    """Any open error besides a missing file is named too (here: a file used as a directory)."""
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(SecretUnavailable, match="cannot read: Not a directory"):
+        await source(tmp_path / "file" / "s.json").fetch()

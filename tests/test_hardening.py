@@ -146,7 +146,7 @@ def test_stalled_clients_block_no_one_and_are_cut_off(sidecar: SidecarProcess) -
         trickle = await asyncio.open_connection(host, int(port))
         for byte in request_head(host)[:20]:
             trickle[1].write(bytes([byte]))
-            await asyncio.sleep(0.01)
+            await asyncio.sleep(0.01)  # pacing the trickle, not a synchronisation
         async with aiohttp.ClientSession() as session:
             served = []
             for _ in range(20):

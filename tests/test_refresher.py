@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 from pathlib import Path
 
 import jwt
+import pytest
 from prometheus_client import CollectorRegistry
 
 from sidecar.errors import SecretUnavailable
@@ -150,9 +152,33 @@ async def test_retry_after_follows_the_backoff(registry: CollectorRegistry) -> N
     ref.rng = Extreme(True)  # type: ignore[assignment]
     ref.start()
     try:
+        # a failed read schedules the next attempt before the loop yields: the step of the
+        # second failure is visible as soon as the second call is
+        await eventually_async(lambda: src.calls == 1, what="the first attempt")
+        assert ref.retry_after("default") == 1
         await eventually_async(lambda: src.calls == 2, what="the second attempt")
-        await eventually_async(lambda: ref.retry_after("default") != 1)
         assert ref.retry_after("default") == 2  # the second backoff step, 2 s
+    finally:
+        await ref.stop()
+
+
+async def test_a_success_starts_the_backoff_again_from_one_second(
+    registry: CollectorRegistry,
+) -> None:
+    src = ScriptedSource()
+    src.answer = material("one", 1)
+    ref, _store = refresher(registry, src, interval=100.0, backoff_max=30.0)
+    ref.rng = Extreme(True)  # type: ignore[assignment]
+    assert ref.retry_after("default") == 1  # nothing scheduled yet: retry in a second
+    ref.start()
+    try:
+        await eventually_async(lambda: src.calls == 1, what="the good read")
+        src.answer = SecretUnavailable("down")
+        ref.refresh_now()
+        await eventually_async(lambda: src.calls == 2, what="the first failure")
+        assert ref.retry_after("default") == 1
+        await eventually_async(lambda: src.calls == 3, what="the second failure")
+        assert ref.retry_after("default") == 2
     finally:
         await ref.stop()
 
@@ -179,6 +205,14 @@ async def test_a_crashing_source_is_counted_not_fatal(registry: CollectorRegistr
     assert not await ref.refresh("default")
     name = "reditus_sidecar_secret_refresh_total"
     assert sample(registry, name, product="default", result="error") == 1
+
+
+def test_backoff_steps_double_from_one_second_to_the_cap() -> None:
+    top = [backoff_delay(n, 30, Extreme(True)) for n in range(1, 8)]  # type: ignore[arg-type]
+    bottom = [backoff_delay(n, 30, Extreme(False)) for n in range(1, 8)]  # type: ignore[arg-type]
+    assert top == [1, 2, 4, 8, 16, 30, 30]
+    assert bottom == [0.5, 1, 2, 4, 8, 15, 15]
+    assert backoff_delay(0, 30, Extreme(True)) == 1  # type: ignore[arg-type]
 
 
 def test_backoff_grows_from_one_second_to_the_cap() -> None:
@@ -245,7 +279,8 @@ async def test_a_storm_of_sighups_coalesces_into_one_more_read(
         for _ in range(100):  # and a second storm after it: again one read, spaced
             ref.refresh_now()
         await eventually_async(lambda: src.calls == 3, what="the read after the second storm")
-        await asyncio.sleep(1.5)  # more than the spacing: nothing else was owed
+        # what is measured: no read in a window longer than the spacing (nothing else was owed)
+        await asyncio.sleep(1.5)
         assert src.calls == 3
     finally:
         await ref.stop()
@@ -278,7 +313,7 @@ async def test_file_watch_leaves_a_broken_file_to_the_backoff(
     ref.start()
     try:
         await eventually_async(lambda: src.calls >= 2, what="the first retry")
-        await asyncio.sleep(2.5)
+        await asyncio.sleep(2.5)  # what is measured: how many reads a 2.5 s window holds
         assert src.calls <= 3  # reads at 0, ~0.5-1, ~1.5-3 s; one per watch tick would be 5
         assert store.current("default") is None
         errors = sample(
@@ -323,19 +358,94 @@ async def test_file_changes_are_picked_up_without_waiting_for_the_interval(
     ref, store = refresher(registry, src, interval=3600.0)
     ref.start()
     try:
-        for _ in range(40):
-            if store.current("default"):
-                break
-            await asyncio.sleep(0.05)
+        await eventually_async(lambda: store.current("default"), what="the first read")
         write_secret(path, "p", "two")
-        for _ in range(60):  # the 1 s watch notices, long before the hour
-            snapshot = store.current("default")
-            if snapshot and snapshot.version == 2:
-                break
-            await asyncio.sleep(0.05)
+        # the 1 s watch notices, long before the hour
+        await eventually_async(
+            lambda: (snap := store.current("default")) is not None and snap.version == 2,
+            what="the watch re-read",
+        )
         snapshot = store.current("default")
         assert snapshot is not None
         assert snapshot.version == 2
         jwt.decode(snapshot.signer.sign("u", 1), "two", algorithms=["HS512"])
+    finally:
+        await ref.stop()
+
+
+async def test_logs_say_loaded_then_rotated_and_warn_on_a_weak_secret_once(
+    registry: CollectorRegistry, caplog: pytest.LogCaptureFixture
+) -> None:
+    src = ScriptedSource()
+    ref, _store = refresher(registry, src)
+    strong = "s" * 64
+    caplog.set_level(logging.INFO, logger="sidecar.refresher")
+    src.answer = material(strong, 1)
+    await ref.refresh("default")
+    await ref.refresh("default")  # unchanged: no record
+    src.answer = material("short", 2)
+    await ref.refresh("default")
+    await ref.refresh("default")  # the weak secret again: no second warning
+    records = [
+        (r.msg, getattr(r, "version", None), getattr(r, "previous_version", None))
+        for r in caplog.records
+        if r.name == "sidecar.refresher"
+    ]
+    assert records == [
+        ("secret loaded", 1, None),
+        ("secret rotated", 2, 1),
+        ("weak product secret", None, None),
+    ]
+    assert all(strong not in r.getMessage() + str(r.__dict__) for r in caplog.records)
+
+
+async def test_any_other_version_is_installed_even_an_older_one(
+    registry: CollectorRegistry,
+) -> None:
+    """Vault's version is what the metric and the logs report: a source that answers an
+    older version (a restored backup) with the same secret is still a change."""
+    src = ScriptedSource()
+    ref, store = refresher(registry, src)
+    src.answer = material("same", 5)
+    await ref.refresh("default")
+    src.answer = material("same", 4)
+    await ref.refresh("default")
+    assert store.current("default").version == 4  # type: ignore[union-attr]
+    assert sample(registry, "reditus_sidecar_secret_version", product="default") == 4
+    assert (
+        sample(
+            registry, "reditus_sidecar_secret_refresh_total", product="default", result="changed"
+        )
+        == 2
+    )
+
+
+async def test_a_newer_version_is_a_change_and_a_large_one_read_again_is_not(
+    registry: CollectorRegistry,
+) -> None:
+    src = ScriptedSource()
+    ref, store = refresher(registry, src)
+    for version in (5, 6, 1000, 1000):  # same secret; versions past the small-int cache
+        src.answer = material("same", int(str(version)))  # a new int object, as a read gives
+        await ref.refresh("default")
+        assert store.current("default").version == version  # type: ignore[union-attr]
+    changed = sample(
+        registry, "reditus_sidecar_secret_refresh_total", product="default", result="changed"
+    )
+    unchanged = sample(
+        registry, "reditus_sidecar_secret_refresh_total", product="default", result="unchanged"
+    )
+    assert (changed, unchanged) == (3, 1)
+    assert sample(registry, "reditus_sidecar_secret_version", product="default") == 1000
+
+
+async def test_retry_after_is_never_below_one_second(registry: CollectorRegistry) -> None:
+    """Retry-After: 0 would tell clients to hammer; even a sub-second backoff says 1."""
+    src = ScriptedSource()  # always failing
+    ref, _store = refresher(registry, src, interval=100.0, backoff_max=0.5)
+    ref.start()
+    try:
+        await eventually_async(lambda: src.calls >= 1, what="the first attempt")
+        assert ref.retry_after("default") == 1
     finally:
         await ref.stop()

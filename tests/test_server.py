@@ -23,6 +23,7 @@ from tests.support import (
     TEST_SECRET,
     base_env,
     eventually,
+    eventually_async,
     free_port,
     join_output,
     metric_value,
@@ -153,14 +154,15 @@ def test_rotation_under_load_loses_no_request(tmp_path: Path) -> None:
 
         async with aiohttp.ClientSession() as session:
             workers = [asyncio.create_task(client(session)) for _ in range(8)]
-            await asyncio.sleep(0.5)
+            # the swap lands while the load is on (tokens flowing), not after a nap
+            await eventually_async(lambda: len(tokens) >= 50, what="tokens before the swap")
             write_secret(secret_file, "prod-rotated", new_secret)
-            deadline = time.monotonic() + 10
-            while time.monotonic() < deadline:
-                await asyncio.sleep(0.1)
-                if tokens and signed_with(tokens[-1], new_secret):
-                    break
-            await asyncio.sleep(0.3)
+            await eventually_async(
+                lambda: signed_with(tokens[-1], new_secret), what="a token with the new secret"
+            )
+            # and the load goes on after the switch: old-secret tokens would show up here
+            switched = len(tokens)
+            await eventually_async(lambda: len(tokens) >= switched + 50, what="tokens after it")
             stop.set()
             await asyncio.gather(*workers)
         return tokens
@@ -292,8 +294,12 @@ def test_logs_carry_no_secret_token_or_user_id(tmp_path: Path) -> None:
         status, body = post_token(sidecar.api_url, {"userId": "user-PRIVATE-77"})
         assert status == 200
         post_token(sidecar.api_url, {"userId": "x\n"})
+        reread = 'reditus_sidecar_secret_refresh_total{product="default",result="unchanged"}'
+        before = scrape_value(sidecar.metrics_url, reread)
         sidecar.proc.send_signal(signal.SIGHUP)
-        time.sleep(0.5)
+        eventually(
+            lambda: scrape_value(sidecar.metrics_url, reread) > before, what="the SIGHUP re-read"
+        )
         assert sidecar.stop() == 0
         output = sidecar.output()
         token = str(body["token"])
@@ -356,7 +362,10 @@ def test_debug_logs_carry_the_request_id_and_text_format_works(tmp_path: Path) -
     with start_sidecar(tmp_path, REDITUS_SIDECAR_LOG_LEVEL="debug") as sidecar:
         post_token(sidecar.api_url, {"userId": "u-dbg"}, headers={"X-Request-Id": "req-7"})
         post_token(sidecar.api_url, {"userId": 7}, headers={"X-Request-Id": "req-8"})
-        time.sleep(0.2)
+        eventually(
+            lambda: {"req-7", "req-8"} <= {r.get("request_id") for r in sidecar.log_records()},
+            what="both request log lines",
+        )
     records = {r.get("request_id"): r for r in sidecar.log_records() if "request_id" in r}
     assert records["req-7"]["msg"] == "token issued"
     assert records["req-8"]["code"] == "invalid_request"

@@ -13,6 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import sidecar.signer
 from sidecar.redact import Redacted
 from sidecar.signer import TokenSigner
 
@@ -150,10 +151,31 @@ def test_signing_a_short_secret_warns_once_not_per_token(recwarn: pytest.Warning
     signer = TokenSigner("prod-1", Redacted("short"))
     for i in range(100):
         signer.sign(f"u-{i}", 1700000000 + i)
-    assert len(recwarn) == 0
+    # Only warnings raised here or in the signer count: the recorder is process-wide, and
+    # objects of earlier tests (collected now, or in their leftover threads) may warn too.
+    ours = [w for w in recwarn if w.filename in (__file__, sidecar.signer.__file__)]
+    assert ours == []
     assert signer.key_length_warning is not None
     assert "below" in signer.key_length_warning
     assert TokenSigner("p", Redacted(SECRET)).key_length_warning is None
+
+
+def test_the_key_length_advice_starts_below_64_bytes_of_utf8() -> None:
+    """RFC 7518's minimum is 64 bytes of key, counted after UTF-8 encoding, not characters."""
+    assert TokenSigner("p", Redacted("k" * 64)).key_length_warning is None
+    assert TokenSigner("p", Redacted("é" * 32)).key_length_warning is None  # 64 bytes
+    short = TokenSigner("p", Redacted("k" * 63)).key_length_warning
+    assert short is not None
+    assert "63 bytes" in short
+
+
+def test_same_key_tells_apart_product_id_secret_and_ttl() -> None:
+    """Rotation detection: a change of any of the three must install a new signer."""
+    base = TokenSigner("prod-1", Redacted(SECRET), ttl=60)
+    assert base.same_key(TokenSigner("prod-1", Redacted(SECRET), ttl=60))
+    assert not base.same_key(TokenSigner("prod-2", Redacted(SECRET), ttl=60))
+    assert not base.same_key(TokenSigner("prod-1", Redacted(SECRET + "x"), ttl=60))
+    assert not base.same_key(TokenSigner("prod-1", Redacted(SECRET), ttl=0))
 
 
 def test_repr_hides_the_secret() -> None:

@@ -284,7 +284,7 @@ async def _fetch_until(source: VaultSource, done, within: float) -> int:
         assert time.monotonic() < deadline, "the condition was not reached in time"
         assert (await source.fetch()).version == 1
         count += 1
-        await asyncio.sleep(0.2)
+        await asyncio.sleep(0.2)  # the pace of the fetches while polling `done()`
     return count
 
 

@@ -11,7 +11,7 @@ import contextlib
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -28,6 +28,8 @@ from tests.openbao import (
     write_file,
 )
 from tests.support import (
+    SidecarProcess,
+    eventually,
     eventually_async,
     post_token,
     request_token,
@@ -266,6 +268,14 @@ def wait_for_secret(api_url: str, secret: str, within: float = 15) -> None:
         time.sleep(0.1)
 
 
+def signs_until(sidecar: SidecarProcess, secret: str, done: Callable[[], bool]) -> None:
+    """Sign back to back (each must succeed with `secret`) until `done()`, within 20 s."""
+    deadline = time.monotonic() + 20
+    while not done():
+        assert time.monotonic() < deadline, "the condition was not reached while signing"
+        sign_ok(sidecar.api_url, secret)
+
+
 def refresh_errors(metrics_url: str) -> float:
     return scrape_value(
         metrics_url, 'reditus_sidecar_secret_refresh_total{product="default",result="error"}'
@@ -280,27 +290,25 @@ def test_signing_continues_while_vault_is_hung_or_stopped(own_bao) -> None:
         errors = refresh_errors(sidecar.metrics_url)
 
         own_bao.pause()
-        deadline = time.monotonic() + 3
-        while time.monotonic() < deadline:
-            sign_ok(sidecar.api_url, SECRET_A)
-            time.sleep(0.05)
-        assert refresh_errors(sidecar.metrics_url) > errors
+        # signing goes on, request after request, until a read of the hung Vault has failed
+        signs_until(sidecar, SECRET_A, lambda: refresh_errors(sidecar.metrics_url) > errors)
         own_bao.resume()
         Bao(own_bao).put("reditus", product_id="prod-f", product_secret=SECRET_B)
         wait_for_secret(sidecar.api_url, SECRET_B)
 
         own_bao.stop()
-        deadline = time.monotonic() + 2
-        while time.monotonic() < deadline:
-            sign_ok(sidecar.api_url, SECRET_B)
-            time.sleep(0.05)
+        errors = refresh_errors(sidecar.metrics_url)
+        # and goes on while Vault is gone, until a read of it has failed
+        signs_until(sidecar, SECRET_B, lambda: refresh_errors(sidecar.metrics_url) > errors)
         own_bao.start()  # same port and root token, empty storage
         seed(own_bao, SECRET_A)
         wait_for_secret(sidecar.api_url, SECRET_A)
 
         # SIGTERM while Vault hangs: the shutdown must not wait on it.
+        errors = refresh_errors(sidecar.metrics_url)
         own_bao.pause()
-        time.sleep(1.5)
+        # the sidecar has met the hung Vault (a read timed out) and keeps retrying it
+        eventually(lambda: refresh_errors(sidecar.metrics_url) > errors, what="a hung read")
         assert sidecar.stop(signal.SIGTERM, timeout=10) == 0
         own_bao.resume()
     assert "secret-" not in sidecar.output()

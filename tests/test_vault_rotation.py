@@ -15,7 +15,7 @@ import pytest
 
 from sidecar.devserver import OpenBaoDevServer
 from tests.openbao import Bao, vault_sidecar
-from tests.support import post_token, scrape_value, signed_with
+from tests.support import eventually_async, post_token, scrape_value, signed_with
 
 OLD = "old-secret-" + "o" * 64
 NEW = "new-secret-" + "n" * 64
@@ -57,13 +57,17 @@ async def test_rotation_under_concurrent_requests(bao: Bao) -> None:
         async with aiohttp.ClientSession() as http:
             url = sidecar.api_url + "/v1/token"
             workers = [asyncio.ensure_future(worker(http, url)) for _ in range(8)]
-            await asyncio.sleep(0.5)
+            # the new version lands while the load is on (answers flowing), not after a nap
+            await eventually_async(lambda: len(results) >= 50, what="answers before the put")
             await asyncio.to_thread(bao.put, "reditus", product_id="prod-rot", product_secret=NEW)
-            deadline = time.monotonic() + 15
-            while not any(kind == "new" for *_, kind in results):
-                assert time.monotonic() < deadline, "the new secret never took effect"
-                await asyncio.sleep(0.05)
-            await asyncio.sleep(1)
+            await eventually_async(
+                lambda: any(kind == "new" for *_, kind in results),
+                within=15,
+                what="a token with the new secret",
+            )
+            # requests started after the switch: an old-secret token among them is the bug
+            switched = len(results)
+            await eventually_async(lambda: len(results) >= switched + 100, what="answers after it")
             stop.set()
             await asyncio.gather(*workers)
         assert scrape_value(sidecar.metrics_url, VERSION) == 2

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import hvac
 
+from ..blocking import cancel_and_wait
 from ..config import Product, VaultSettings
 from ..errors import SecretInvalid, SecretUnavailable, SourceError
 from ..refresher import backoff_delay
@@ -80,9 +81,7 @@ class VaultSession:
         with `revoke`, first revoke our own token (see `revoke`)."""
         task, self._task = self._task, None
         if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await cancel_and_wait([task])
         if revoke:
             await self.revoke()
         self.transport.close()
