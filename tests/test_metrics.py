@@ -17,6 +17,7 @@ def test_every_fixed_label_value_is_a_zero_from_the_start(registry: CollectorReg
     reasons = [
         "not_found",
         "method_not_allowed",
+        "caller_not_allowed",
         "missing_request_header",
         "browser_origin",
         "host_not_allowed",
@@ -27,6 +28,7 @@ def test_every_fixed_label_value_is_a_zero_from_the_start(registry: CollectorReg
         "invalid_request",
         "unknown_product",
         "secret_unavailable",
+        "audit_unavailable",
         "internal",
     ]
     for reason in reasons:
