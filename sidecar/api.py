@@ -28,7 +28,7 @@ from .config import DEFAULT_PRODUCT
 from .errors import SourceError
 from .metrics import ENDPOINTS, ERROR_REASONS, Metrics
 from .signer import RemoteSigner, TokenSigner
-from .state import SecretStore, Snapshot
+from .state import SecretStore
 
 log = logging.getLogger(__name__)
 
@@ -340,7 +340,9 @@ class TokenHandler:
         else:
             token, version = await self._sign_remotely(signer, user_id, iat)
         if self.audit is not None:
-            await self._audit(request, request_id, product, snapshot, version, iat, user_id)
+            await self._audit(
+                request, request_id, product, signer.product_id, version, iat, user_id
+            )
         self._issued[product].inc()
         if log.isEnabledFor(logging.DEBUG):
             log.debug(
@@ -399,8 +401,8 @@ class TokenHandler:
         request: web.Request,
         request_id: str,
         product: str,
-        snapshot: Snapshot,
-        version: int | str,
+        product_id: str,
+        version: int,
         iat: int,
         user_id: str,
     ) -> None:
@@ -409,7 +411,7 @@ class TokenHandler:
         pending = self.audit.submit(
             request_id=request_id,
             product=product,
-            product_id=snapshot.signer.product_id,
+            product_id=product_id,
             version=version,
             issued_at=iat,
             caller=caller_of(request) or self._unidentified,

@@ -52,7 +52,7 @@ class Entry(NamedTuple):
     request_id: str
     product: str
     product_id: str
-    version: int | str
+    version: int
     issued_at: int
     caller: Caller | str
     user_id: str
@@ -198,7 +198,7 @@ class AuditLog:
         request_id: str,
         product: str,
         product_id: str,
-        version: int | str,
+        version: int,
         issued_at: int,
         caller: Caller | str,
         user_id: str,
