@@ -22,6 +22,7 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from ..blocking import cancel_and_wait
 from ..coalescer import Coalescer
 from ..config import DEFAULT_PRODUCT, Settings, TransitSettings
 from ..errors import SecretInvalid, SecretUnavailable, SourceError
@@ -229,15 +230,15 @@ class TransitMode:
             self._call_duration.observe(time.perf_counter() - started)
             self._calls[result].inc()
 
-    def _seen(self, version: int) -> bool:
-        """Vault signed with key `version`: the store is confirmed; True if it changed."""
+    def _seen(self, version: int) -> None:
+        """Vault signed with key `version`: the store is confirmed, or moves to it."""
         current = self.store.peek(self.product)
         now = time.time()
         if self.metrics is not None:
             self.metrics.secret_last_success.labels(product=self.product).set(now)
         if current is not None and current.version >= version:
             self.store.confirm(self.product)
-            return False
+            return
         self.store.replace(self.product, Snapshot(self.signer, version=version, loaded_at=now))
         if self.metrics is not None:
             self.metrics.secret_version.labels(product=self.product).set(version)
@@ -252,7 +253,6 @@ class TransitMode:
                 "previous_version": current.version if current else None,
             },
         )
-        return True
 
     # --- the probe --------------------------------------------------------------------
 
@@ -306,9 +306,7 @@ class TransitMode:
     async def stop(self) -> None:
         task, self._task = self._task, None
         if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await cancel_and_wait([task])  # the probe loop sleeps in wait_for
         await self.coalescer.close()
 
 
