@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import base64
 import hmac
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import hvac
@@ -19,7 +17,8 @@ import pytest
 from sidecar.sources.transit import TransitMode
 from sidecar.state import SecretStore
 from tests.openbao import Bao, unique
-from tests.support import ROOT, base_env
+from tests.support import ROOT
+from tests.test_vault_policy import run_script
 
 DEPLOY = ROOT / "deploy" / "vault"
 SECRET = "setup-secret-\u00e9-" + "s" * 60
@@ -29,18 +28,7 @@ NEW = "setup-rotated-" + "r" * 60
 def run_setup(
     env: dict[str, str], stdin: str | None = None, script: str = "setup-transit.sh"
 ) -> subprocess.CompletedProcess[str]:
-    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
-    result = subprocess.run(
-        ["bash", str(DEPLOY / script)],
-        env=base_env(PATH=path, **env),
-        input=stdin,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr
-    return result
+    return run_script(script, env, stdin)
 
 
 async def sign_probe(openbao: Bao, token: str, mount: str, key: str) -> tuple[bytes, int]:

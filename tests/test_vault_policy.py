@@ -74,11 +74,15 @@ def test_policy_refuses_everything_else(openbao, policy_token, method, path, pay
         client.adapter.request(method, f"/v1/{path}", json=payload)
 
 
-def run_script(script: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+def run_script(
+    script: str, env: dict[str, str], stdin: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    """A deploy/vault script with the venv's tools (bao) on PATH; it must succeed."""
     path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
     result = subprocess.run(
         ["bash", str(DEPLOY / script)],
         env=base_env(PATH=path, **env),
+        input=stdin,
         capture_output=True,
         text=True,
         timeout=60,
