@@ -17,10 +17,8 @@ import pytest
 from sidecar.sources.transit import TransitMode
 from sidecar.state import SecretStore
 from tests.openbao import Bao, unique
-from tests.support import ROOT
 from tests.test_vault_policy import run_script
 
-DEPLOY = ROOT / "deploy" / "vault"
 SECRET = "setup-secret-\u00e9-" + "s" * 60
 NEW = "setup-rotated-" + "r" * 60
 
