@@ -127,7 +127,7 @@ class _BoundedHandler(web.RequestHandler):
         super().__init__(listener.runner_server, **kwargs)
         self._listener = listener
         self._admitted = False
-        #: the unix-socket peer's credentials, read once at connect (None on TCP)
+        #: the peer as the kernel names it, read once at connect (None: not identified)
         self.caller: Caller | None = None
 
     @property
