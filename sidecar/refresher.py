@@ -128,7 +128,7 @@ class Refresher:
             self._retry_floor.pop(product, None)
             # Cleared before the read: a SIGHUP arriving during it is owed one more read.
             wake.clear()
-            started = time.monotonic()
+            started = self._monotonic()
             if await self.refresh(product):
                 failures = 0
                 self._failing.discard(product)
@@ -140,12 +140,12 @@ class Refresher:
                 floor = self._retry_floor.get(product)
                 if floor:  # the source's Retry-After, within our own cap
                     delay = max(delay, min(floor, self.backoff_max))
-            self._next_attempt[product] = time.monotonic() + delay
+            self._next_attempt[product] = self._monotonic() + delay
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(wake.wait(), timeout=delay)
                 # Woken early (SIGHUP, file change): reads stay MIN_SPACING apart, and
                 # every wake until then is served by that one read.
-                await asyncio.sleep(max(0.0, started + MIN_SPACING - time.monotonic()))
+                await asyncio.sleep(max(0.0, started + MIN_SPACING - self._monotonic()))
 
     async def _watch(self) -> None:
         """Wake a product's loop as soon as its source says the secret may have changed.
@@ -158,12 +158,18 @@ class Refresher:
                 if product not in self._failing and await source.changed():
                     self._wake[product].set()
 
+    @staticmethod
+    def _monotonic() -> float:
+        """The clock every delay here runs on: the event loop's (time.monotonic unless a
+        test fast-forwards it), so the spacing and backoff can be tested without waiting."""
+        return asyncio.get_running_loop().time()
+
     def retry_after(self, product: str) -> int:
         """Whole seconds until the next read of this product (for Retry-After)."""
         due = self._next_attempt.get(product)
         if due is None:
             return 1
-        return max(1, min(int(self.backoff_max), round(due - time.monotonic())))
+        return max(1, min(int(self.backoff_max), round(due - self._monotonic())))
 
     def refresh_now(self) -> None:
         """Re-read every product at once (SIGHUP); a storm of them coalesces into at most

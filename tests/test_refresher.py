@@ -14,7 +14,7 @@ from prometheus_client import CollectorRegistry
 from sidecar.errors import SecretUnavailable
 from sidecar.metrics import Metrics
 from sidecar.redact import Redacted
-from sidecar.refresher import Refresher, backoff_delay
+from sidecar.refresher import MIN_SPACING, Refresher, backoff_delay
 from sidecar.sources.base import SecretMaterial
 from sidecar.sources.file import FileSource
 from sidecar.state import SecretStore
@@ -264,6 +264,7 @@ class GatedSource(ScriptedSource):
         return await super().fetch()
 
 
+@pytest.mark.looptime
 async def test_a_storm_of_sighups_coalesces_into_one_more_read(
     registry: CollectorRegistry,
 ) -> None:
@@ -279,8 +280,7 @@ async def test_a_storm_of_sighups_coalesces_into_one_more_read(
         for _ in range(100):  # and a second storm after it: again one read, spaced
             ref.refresh_now()
         await eventually_async(lambda: src.calls == 3, what="the read after the second storm")
-        # what is measured: no read in a window longer than the spacing (nothing else was owed)
-        await asyncio.sleep(1.5)
+        await asyncio.sleep(10 * MIN_SPACING)  # loop time, fast-forwarded: nothing else was owed
         assert src.calls == 3
     finally:
         await ref.stop()
@@ -447,5 +447,62 @@ async def test_retry_after_is_never_below_one_second(registry: CollectorRegistry
     try:
         await eventually_async(lambda: src.calls >= 1, what="the first attempt")
         assert ref.retry_after("default") == 1
+    finally:
+        await ref.stop()
+
+
+class TimedSource(ScriptedSource):
+    """Answers at once and notes the loop time of every read and every `changed()` call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.answer = material("one", 1)
+        self.reads: list[float] = []
+        self.asked: list[float] = []
+
+    async def fetch(self) -> SecretMaterial:
+        self.reads.append(asyncio.get_running_loop().time())
+        return await super().fetch()
+
+    async def changed(self) -> bool:
+        self.asked.append(asyncio.get_running_loop().time())
+        return False
+
+
+@pytest.mark.looptime
+async def test_an_early_read_waits_out_the_spacing_and_a_late_one_waits_for_nothing(
+    registry: CollectorRegistry,
+) -> None:
+    """On a fast-forwarded loop clock: a SIGHUP right after a read is served MIN_SPACING
+    after that read, one long after the last read is served at once."""
+    loop = asyncio.get_running_loop()
+    src = TimedSource()
+    ref, _store = refresher(registry, src, interval=3600.0)
+    ref.start()
+    try:
+        await eventually_async(lambda: len(src.reads) == 1, what="the first read")
+        ref.refresh_now()
+        await eventually_async(lambda: len(src.reads) == 2, what="the early read")
+        assert src.reads[1] - src.reads[0] == pytest.approx(MIN_SPACING, abs=1e-3)
+        await asyncio.sleep(10 * MIN_SPACING)
+        asked_at = loop.time()
+        ref.refresh_now()
+        await eventually_async(lambda: len(src.reads) == 3, what="the late read")
+        assert src.reads[2] == pytest.approx(asked_at, abs=1e-3)
+    finally:
+        await ref.stop()
+
+
+@pytest.mark.looptime
+async def test_the_watch_asks_the_source_once_a_second(registry: CollectorRegistry) -> None:
+    loop = asyncio.get_running_loop()
+    src = TimedSource()
+    ref, _store = refresher(registry, src, interval=3600.0)
+    began = loop.time()
+    ref.start()
+    try:
+        await asyncio.sleep(10.5)
+        ticks = [round(at - began, 3) for at in src.asked]
+        assert ticks == [float(n) for n in range(1, 11)]
     finally:
         await ref.stop()
