@@ -299,39 +299,58 @@ async def test_a_sighup_during_a_read_is_not_lost(registry: CollectorRegistry) -
         await ref.stop()
 
 
-async def test_file_watch_leaves_a_broken_file_to_the_backoff(
-    registry: CollectorRegistry, tmp_path: Path
+class TimedSource(ScriptedSource):
+    """Answers at once and notes the loop time of every read and every `changed()` call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.answer = material("one", 1)
+        self.reads: list[float] = []
+        self.asked: list[float] = []
+
+    async def fetch(self) -> SecretMaterial:
+        self.reads.append(asyncio.get_running_loop().time())
+        return await super().fetch()
+
+    async def changed(self) -> bool:
+        self.asked.append(asyncio.get_running_loop().time())
+        return False
+
+
+class AlwaysChangedFailingSource(TimedSource):
+    """Says on every watch tick that it changed, and fails every read."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.answer = SecretUnavailable("a directory, not a file")
+
+    async def changed(self) -> bool:
+        await super().changed()
+        return True
+
+
+@pytest.mark.looptime
+async def test_file_watch_leaves_a_failing_source_to_the_backoff(
+    registry: CollectorRegistry,
 ) -> None:
-    """A directory at the secret path changes on every stat; it must be read on the
-    backoff schedule (1 s, then 2 s, 4 s... capped), not on every 1 s watch tick."""
-    path = tmp_path / "s.json"
-    path.mkdir()
-    (path / "entry").write_text("x")
-    src = CountingFileSource(path)
+    """A source that changes on every stat (a directory at the secret path does) but fails
+    to read is read on the backoff schedule, 1 s, 2 s, 4 s..., not on every 1 s watch tick."""
+    loop = asyncio.get_running_loop()
+    src = AlwaysChangedFailingSource()
     ref, store = refresher(registry, src, interval=3600.0, backoff_max=30.0)
-    ref.rng.seed(1)
+    ref.rng = Extreme(True)  # type: ignore[assignment]
+    began = loop.time()
     ref.start()
     try:
-        await eventually_async(lambda: src.calls >= 2, what="the first retry")
-        await asyncio.sleep(2.5)  # what is measured: how many reads a 2.5 s window holds
-        assert src.calls <= 3  # reads at 0, ~0.5-1, ~1.5-3 s; one per watch tick would be 5
+        await asyncio.sleep(10.5)
+        assert [round(at - began, 3) for at in src.reads] == [0.0, 1.0, 3.0, 7.0]
         assert store.current("default") is None
         errors = sample(
             registry, "reditus_sidecar_secret_refresh_total", product="default", result="error"
         )
-        assert errors == src.calls
+        assert errors == 4
     finally:
         await ref.stop()
-
-
-class CountingFileSource(FileSource):
-    def __init__(self, path: Path) -> None:
-        super().__init__(path, product_id_key="product_id", secret_key="product_secret")
-        self.calls = 0
-
-    async def fetch(self) -> SecretMaterial:
-        self.calls += 1
-        return await super().fetch()
 
 
 async def test_retry_after_from_the_source_stretches_the_backoff(
@@ -449,24 +468,6 @@ async def test_retry_after_is_never_below_one_second(registry: CollectorRegistry
         assert ref.retry_after("default") == 1
     finally:
         await ref.stop()
-
-
-class TimedSource(ScriptedSource):
-    """Answers at once and notes the loop time of every read and every `changed()` call."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.answer = material("one", 1)
-        self.reads: list[float] = []
-        self.asked: list[float] = []
-
-    async def fetch(self) -> SecretMaterial:
-        self.reads.append(asyncio.get_running_loop().time())
-        return await super().fetch()
-
-    async def changed(self) -> bool:
-        self.asked.append(asyncio.get_running_loop().time())
-        return False
 
 
 @pytest.mark.looptime
