@@ -168,6 +168,27 @@ async def test_a_full_queue_refuses_instead_of_growing() -> None:
     assert [await first, *await asyncio.gather(*queued)] == ["A", "B", "C"]
 
 
+async def test_a_crashing_call_fails_its_batch_and_the_queue_moves_on(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A bug in the call (not a SourceError) is this batch's 500, not a breaker opening."""
+    remote = Remote()
+    coalescer = make(remote)
+    first = asyncio.ensure_future(coalescer.submit("a"))
+    await remote.wait_calls(1)
+    queued = asyncio.ensure_future(coalescer.submit("b"))
+    await asyncio.sleep(0)
+    remote.release(0, RuntimeError("a bug"))
+    with pytest.raises(RuntimeError, match="a bug"):
+        await asyncio.wait_for(first, 5)
+    assert "a batch call crashed" in caplog.messages
+    assert not coalescer.failing
+    await remote.wait_calls(2)  # the request queued behind it is sent, no new one needed
+    remote.release(1)
+    assert await asyncio.wait_for(queued, 5) == "B"
+    assert remote.batches == [["a"], ["b"]]
+
+
 async def test_close_answers_everyone_waiting() -> None:
     remote = Remote()
     coalescer = make(remote)
