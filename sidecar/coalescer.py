@@ -123,19 +123,19 @@ class Coalescer(Generic[I, R]):
             for _, future in batch:
                 _settle_error(future, exc)
             log.exception("a batch call crashed")
-            return
+        else:
+            self._failures = 0
+            self._last_error = None
+            for (_, future), outcome in zip(batch, outcomes, strict=True):
+                if isinstance(outcome, SourceError):
+                    _settle_error(future, outcome)
+                elif not future.done():
+                    future.set_result(outcome)
         finally:
             task = asyncio.current_task()
             if task is not None:
                 self._tasks.discard(task)
-        self._failures = 0
-        self._last_error = None
-        for (_, future), outcome in zip(batch, outcomes, strict=True):
-            if isinstance(outcome, SourceError):
-                _settle_error(future, outcome)
-            elif not future.done():
-                future.set_result(outcome)
-        self._launch()
+        self._launch()  # after a crash too: what waits behind it must not wait for a new submit
 
     def _open(self, exc: SourceError) -> float:
         """Refuse for a backoff window (at least the remote end's own Retry-After)."""

@@ -9,6 +9,7 @@ interleaving is exact; the real transit round trip is in tests/test_transit.py.
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 
 import pytest
@@ -99,7 +100,10 @@ async def test_an_item_error_fails_only_that_item() -> None:
     assert not coalescer.failing  # an item error is not the remote end failing
 
 
-async def test_a_failed_call_fails_the_waiting_requests_and_refuses_at_once() -> None:
+async def test_a_failed_call_fails_the_waiting_requests_and_refuses_at_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, logger="sidecar.coalescer")
     remote, clock = Remote(), Clock()
     coalescer = make(remote, clock)
     first = asyncio.ensure_future(coalescer.submit("a"))
@@ -109,18 +113,27 @@ async def test_a_failed_call_fails_the_waiting_requests_and_refuses_at_once() ->
     outcomes = await asyncio.gather(first, *waiting, return_exceptions=True)
     assert all(isinstance(o, SecretUnavailable) for o in outcomes)
     assert str(outcomes[0]) == "vault is down"
-    assert all(o.retry_after and o.retry_after >= 1 for o in outcomes)  # type: ignore[union-attr]
+    assert coalescer.failing
+    window = coalescer.refused_for()
+    assert 0.5 <= window < 1.0  # the first backoff step; the callers are told 1 s at least
+    assert [o.retry_after for o in outcomes] == [1.0] * 5  # type: ignore[union-attr]
     assert len(remote.batches) == 1  # the waiting ones were not sent after the failure
+    (warning,) = [r for r in caplog.records if r.name == "sidecar.coalescer"]
+    assert warning.error == "vault is down"  # type: ignore[attr-defined]
+    assert warning.retry_in == round(window, 2)  # type: ignore[attr-defined]
     # In the backoff window: refused without a call.
-    with pytest.raises(SecretUnavailable, match=r"vault is down \(refusing for"):
+    with pytest.raises(SecretUnavailable, match=r"vault is down \(refusing for 1.0 s") as refused:
         await coalescer.submit("f")
+    assert refused.value.retry_after == 1.0
     assert len(remote.batches) == 1
     # After it: one call probes, and the others are refused while it is in flight.
-    clock.now += coalescer.refused_for() + 0.01
+    clock.now += window + 0.01
+    assert coalescer.refused_for() == 0.0
     probe = asyncio.ensure_future(coalescer.submit("g"))
     await remote.wait_calls(2)
-    with pytest.raises(SecretUnavailable):
+    with pytest.raises(SecretUnavailable, match=r"refusing for 1.0 s") as refused:
         await coalescer.submit("h")
+    assert refused.value.retry_after == 1.0  # the probe's outcome is about a second away
     remote.release(1)
     assert await probe == "G"
     assert not coalescer.failing
@@ -160,12 +173,81 @@ async def test_a_full_queue_refuses_instead_of_growing() -> None:
     await remote.wait_calls(1)
     queued = [asyncio.ensure_future(coalescer.submit(x)) for x in "bc"]
     await asyncio.sleep(0)
-    with pytest.raises(SecretUnavailable, match="already wait"):
+    with pytest.raises(SecretUnavailable, match="2 signing requests already wait") as refused:
         await coalescer.submit("d")
+    assert refused.value.retry_after == 1
     remote.release(0)
     await remote.wait_calls(2)
     remote.release(1)
     assert [await first, *await asyncio.gather(*queued)] == ["A", "B", "C"]
+
+
+async def test_by_default_4096_requests_may_wait() -> None:
+    remote = Remote()
+    coalescer = Coalescer(remote.call, max_batch=3)
+    first = asyncio.ensure_future(coalescer.submit("a"))
+    await remote.wait_calls(1)
+    queued = [asyncio.ensure_future(coalescer.submit(str(i))) for i in range(4096)]
+    await asyncio.sleep(0)
+    assert not any(task.done() for task in queued)  # all 4096 wait
+    refused = asyncio.ensure_future(coalescer.submit("one too many"))
+    await asyncio.sleep(0)
+    assert refused.done()  # at once, not queued
+    with pytest.raises(SecretUnavailable, match="4096 signing requests already wait"):
+        await refused
+    await coalescer.close()
+    outcomes = await asyncio.gather(first, *queued, return_exceptions=True)
+    assert all(isinstance(o, SecretUnavailable) for o in outcomes)
+
+
+async def test_a_crashing_call_fails_its_batch_and_the_queue_moves_on(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A bug in the call (not a SourceError) is this batch's 500, not a breaker opening."""
+    remote = Remote()
+    coalescer = make(remote)
+    first = asyncio.ensure_future(coalescer.submit("a"))
+    await remote.wait_calls(1)
+    queued = asyncio.ensure_future(coalescer.submit("b"))
+    await asyncio.sleep(0)
+    remote.release(0, RuntimeError("a bug"))
+    with pytest.raises(RuntimeError, match="a bug"):
+        await asyncio.wait_for(first, 5)
+    assert "a batch call crashed" in caplog.messages
+    assert not coalescer.failing
+    await remote.wait_calls(2)  # the request queued behind it is sent, no new one needed
+    remote.release(1)
+    assert await asyncio.wait_for(queued, 5) == "B"
+    assert remote.batches == [["a"], ["b"]]
+
+
+async def test_a_fresh_coalescer_refuses_for_nothing_whatever_the_clock() -> None:
+    clock = Clock()
+    clock.now = 0.0  # time.monotonic()'s reference point is undefined
+    coalescer = make(Remote(), clock)
+    assert coalescer.refused_for() == 0.0
+    assert not coalescer.failing
+
+
+async def test_one_item_a_call_two_calls_in_flight() -> None:
+    remote = Remote()
+    coalescer = make(remote, max_batch=1, max_in_flight=2)
+    tasks = [asyncio.ensure_future(coalescer.submit(x)) for x in "abc"]
+    await remote.wait_calls(2)
+    await asyncio.sleep(0)
+    assert remote.batches == [["a"], ["b"]]  # "c" waits for a free slot
+    remote.release(1)
+    await remote.wait_calls(3)
+    assert remote.batches == [["a"], ["b"], ["c"]]
+    remote.release(0)
+    remote.release(2)
+    assert await asyncio.gather(*tasks) == ["A", "B", "C"]
+
+
+@pytest.mark.parametrize(("max_batch", "max_in_flight"), [(0, 1), (1, 0), (-1, 1), (1, -1)])
+def test_a_batch_or_in_flight_limit_below_1_is_refused(max_batch: int, max_in_flight: int) -> None:
+    with pytest.raises(ValueError, match="at least 1"):
+        make(Remote(), max_batch=max_batch, max_in_flight=max_in_flight)
 
 
 async def test_close_answers_everyone_waiting() -> None:
