@@ -63,3 +63,26 @@ async def test_cancel_and_wait_ends_a_loop_that_lost_a_cancellation() -> None:
     await eventually_async(lambda: rounds, what="the loop running")
     await asyncio.wait_for(cancel_and_wait([task]), 5)
     assert task.cancelled()
+
+
+@pytest.mark.looptime
+async def test_cancel_and_wait_cancels_again_a_tenth_of_a_second_later() -> None:
+    """On a fast-forwarded loop clock: a loop that swallowed the first cancellation is
+    cancelled again after 0.1 s, so a shutdown is not held up by a lost cancellation."""
+    loop = asyncio.get_running_loop()
+    cancelled_at: list[float] = []
+
+    async def stubborn() -> None:
+        while True:
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                cancelled_at.append(loop.time())
+                if len(cancelled_at) == 2:
+                    raise
+
+    task = loop.create_task(stubborn())
+    await asyncio.sleep(0)  # it runs up to its first sleep
+    began = loop.time()
+    await cancel_and_wait([task])
+    assert [round(at - began, 3) for at in cancelled_at] == [0.0, 0.1]
