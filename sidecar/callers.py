@@ -61,6 +61,10 @@ _NLMSG = struct.Struct("=IHHII")  # length, type, flags, sequence, port id
 _DIAG_REQ = struct.Struct("=BBBBI")  # family, protocol, extensions, pad, states
 _DIAG_ID = struct.Struct("!HH16s16s")  # source port, destination port, addresses
 _DIAG_ID_TAIL = struct.Struct("=III")  # interface, cookie (none: all ones)
+# The lookup's interface: a socket bound to a device (SO_BINDTODEVICE, `curl --interface lo`)
+# matches only a lookup on that device, an unbound one any. The signing listener is loopback
+# only, so every peer is on lo, whose index is 1 in every network namespace.
+_LOOPBACK_INDEX = 1
 _DIAG_STATE_OFFSET = 1  # in inet_diag_msg
 _DIAG_UID_OFFSET = 64
 # Full sockets only: a TIME_WAIT or SYN_RECV entry is not owned by anyone and reads uid 0.
@@ -97,7 +101,7 @@ class TcpPeers:
             body = (
                 _DIAG_REQ.pack(family, socket.IPPROTO_TCP, 0, 0, 0xFFFFFFFF)
                 + sockid
-                + _DIAG_ID_TAIL.pack(0, 0xFFFFFFFF, 0xFFFFFFFF)
+                + _DIAG_ID_TAIL.pack(_LOOPBACK_INDEX, 0xFFFFFFFF, 0xFFFFFFFF)
             )
             seq = next(self._seq) & 0xFFFFFFFF
             netlink = self._socket()

@@ -5,13 +5,19 @@ Real processes: the sidecar, and clients running as other uids and gids (setpriv
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import os
 import socket
 import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from sidecar.callers import Caller, CallerPolicy, TcpPeers
+from sidecar.callers import Caller, CallerPolicy, TcpPeers, identify, peer_credentials
 from sidecar.config import load_settings
 from sidecar.errors import ConfigError
 from tests.support import (
@@ -42,6 +48,8 @@ def test_listed_uid_or_gid_signs_others_are_refused_and_tcp_too(tmp_path: Path) 
             REDITUS_SIDECAR_ALLOWED_GIDS="4202",
         ) as sidecar:
             open_to_all(socket_path)
+            allowed = [r for r in sidecar.log_records() if r["msg"] == "signing allowed to"]
+            assert [r["detail"] for r in allowed] == ["uids 4101,4102; gids 4202"]
             status, body = sign_as(socket_path, 4101, 4999)  # uid listed
             assert status == 200, body
             assert signed_with(str(body["token"]), TEST_SECRET)
@@ -93,6 +101,40 @@ def test_policy_is_uid_or_gid_and_unidentified_is_refused() -> None:
     assert policy.allows(Caller(uid=10, gid=None, pid=None))  # TCP: the uid only
     assert not policy.allows(Caller(uid=20, gid=None, pid=None))
     assert not policy.allows(None)
+    assert CallerPolicy(frozenset(), frozenset({20, 3})).describe() == "uids -; gids 3,20"
+
+
+def test_identity_and_allow_list_stay_as_made() -> None:
+    """The caller checked is the caller audited, and nothing widens the list at run time."""
+    caller = Caller(uid=10, gid=20, pid=30)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        caller.uid = 0  # type: ignore[misc]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        CallerPolicy(frozenset({10}), frozenset()).uids = frozenset({0})  # type: ignore[misc]
+
+
+def test_caller_json_says_what_the_kernel_told() -> None:
+    """The audit's caller: uid, gid and pid from SO_PEERCRED, the uid alone on TCP."""
+    assert Caller(uid=10, gid=20, pid=30).as_json() == {"uid": 10, "gid": 20, "pid": 30}
+    assert Caller(uid=10, gid=None, pid=None).as_json() == {"uid": 10, "via": "tcp"}
+
+
+def test_peer_credentials_of_a_connected_unix_socket_only() -> None:
+    me = Caller(uid=os.getuid(), gid=os.getgid(), pid=os.getpid())
+    left, right = socket.socketpair()
+    with left, right:
+        assert peer_credentials(left) == me
+        assert identify(left, TcpPeers()) == me
+    assert peer_credentials(left) is None  # closed: the kernel cannot be asked (EBADF)
+    assert peer_credentials(None) is None
+    # SO_PEERCRED on a TCP socket does not fail: it reads uid and gid 65534 (nobody).
+    with (
+        socket.create_server(("127.0.0.1", 0)) as server,
+        socket.create_connection(server.getsockname()) as tcp,
+    ):
+        assert peer_credentials(tcp) is None
+    with socket.socket() as unconnected:
+        assert TcpPeers().uid(unconnected) is None  # no peer to look up (ENOTCONN)
 
 
 class _FourTuple:
@@ -100,14 +142,14 @@ class _FourTuple:
 
     family = socket.AF_INET
 
-    def __init__(self, conn: socket.socket) -> None:
-        self._peer, self._local = conn.getpeername(), conn.getsockname()
+    def __init__(self, peer: tuple[str, int], local: tuple[str, int]) -> None:
+        self._peer, self._local = peer, local
 
     def getpeername(self) -> tuple[str, int]:
-        return self._peer  # type: ignore[no-any-return]
+        return self._peer
 
     def getsockname(self) -> tuple[str, int]:
-        return self._local  # type: ignore[no-any-return]
+        return self._local
 
 
 def test_tcp_peer_uid_while_it_owns_its_socket_and_not_in_time_wait() -> None:
@@ -126,7 +168,7 @@ def test_tcp_peer_uid_while_it_owns_its_socket_and_not_in_time_wait() -> None:
         conn, _ = server.accept()
         with conn:
             assert peers.uid(conn) == 4101
-            addresses = _FourTuple(conn)
+            addresses = _FourTuple(conn.getpeername(), conn.getsockname())
             conn.sendall(b"x")  # the client reads it and closes first
             assert client.wait(10) == 0
             assert conn.recv(1) == b""
@@ -176,3 +218,122 @@ def test_serve_exits_2_on_a_bad_id(file_env: dict[str, str]) -> None:
         "reditus-sidecar: configuration error: REDITUS_SIDECAR_ALLOWED_GIDS='staff': "
         "'staff' is not a numeric id (comma-separated numbers)"
     ]
+
+
+# A peer as another uid, driven line by line: "shut" (shutdown its sending side), "fill" (send
+# until its buffer is full: this test never reads, so its FIN then waits behind the data).
+_PEER = """
+import socket, sys
+s = socket.socket()
+if sys.argv[2] == "lo":
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, b"lo")  # as `curl --interface lo`
+s.connect(("127.0.0.1", int(sys.argv[1])))
+for line in sys.stdin:
+    if line == "shut\\n":
+        s.shutdown(socket.SHUT_WR)
+    else:
+        s.setblocking(False)
+        try:
+            while True:
+                s.send(bytes(65536))
+        except BlockingIOError:
+            pass
+    print("done", flush=True)
+"""
+
+
+@contextlib.contextmanager
+def _peer_as_4101(device: str = "-") -> Iterator[tuple[socket.socket, Callable[[str], None]]]:
+    """This test's end of a connection from uid 4101, and a function to make that peer act."""
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a small window to fill
+        client = subprocess.Popen(
+            ["setpriv", "--reuid=4101", "--regid=4101", "--clear-groups", "/usr/bin/python3",
+             "-c", _PEER, str(server.getsockname()[1]), device],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        assert client.stdin is not None
+        assert client.stdout is not None
+        commands, answers = client.stdin, client.stdout
+
+        def act(command: str) -> None:
+            commands.write(command + "\n")
+            commands.flush()
+            assert answers.readline() == "done\n"
+
+        try:
+            conn, _ = server.accept()
+            with conn:
+                yield conn, act
+        finally:
+            commands.close()
+            assert client.wait(10) == 0
+            answers.close()
+
+
+def _wait_for_peer_state(conn: socket.socket, state: int) -> None:
+    """Poll the kernel's TCP table until the peer's socket is in `state` (linux/tcp_states.h)."""
+
+    def hex_address(host: str, port: int) -> str:
+        return f"{int.from_bytes(socket.inet_aton(host), sys.byteorder):08X}:{port:04X}"
+
+    pair = [hex_address(*conn.getpeername()), hex_address(*conn.getsockname())]
+    deadline = time.monotonic() + 10
+    while True:
+        rows = [row.split() for row in Path("/proc/net/tcp").read_text().splitlines()[1:]]
+        states = [int(row[3], 16) for row in rows if row[1:3] == pair]
+        if states == [state]:
+            return
+        assert time.monotonic() < deadline, f"the peer's socket is in {states}, not {state}"
+        time.sleep(0.01)
+
+
+@pytest.mark.parametrize(
+    ("steps", "state"),
+    [
+        (["shut"], 5),  # FIN_WAIT2: the peer shut its side, ours is still open
+        (["us"], 8),  # CLOSE_WAIT: we shut ours
+        (["us", "fill", "shut"], 9),  # LAST_ACK: its FIN waits behind data we do not read
+        (["fill", "shut"], 4),  # FIN_WAIT1: the same, with our side still open
+        (["fill", "shut", "us"], 11),  # CLOSING: both FINs crossed
+    ],
+)
+def test_tcp_peer_shutting_down_still_owns_its_socket(steps: list[str], state: int) -> None:
+    """A peer half-way through closing still holds its socket: it is still its uid's."""
+    peers = TcpPeers()
+    with _peer_as_4101() as (conn, act):
+        for step in steps:
+            if step == "us":
+                conn.shutdown(socket.SHUT_WR)
+            else:
+                act(step)
+        _wait_for_peer_state(conn, state)
+        assert peers.uid(conn) == 4101
+    peers.close()
+
+
+def test_tcp_peer_bound_to_loopback_is_identified() -> None:
+    """A socket bound to `lo` (SO_BINDTODEVICE, no privilege needed) is found only by a lookup
+    on that interface; the listener is loopback-only, so every peer is on `lo`."""
+    peers = TcpPeers()
+    with _peer_as_4101("lo") as (conn, _):
+        assert peers.uid(conn) == 4101
+    peers.close()
+
+
+def test_tcp_lookups_go_on_after_many_a_miss_and_a_close() -> None:
+    """One netlink socket answers lookup after lookup (sequence numbers well past 256), a
+    socket that does not exist is unidentified without upsetting the next lookup, and after
+    close() the next lookup opens a fresh netlink socket."""
+    peers = TcpPeers()
+    peers.close()  # never opened: the listener closes it also when TCP lookups are off
+    with _peer_as_4101() as (conn, _), socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        nobody = _FourTuple(unused.getsockname(), conn.getsockname())
+        for _ in range(300):
+            assert peers.uid(conn) == 4101
+        assert peers.uid(nobody) is None
+        assert peers.uid(conn) == 4101
+        peers.close()
+        assert peers.uid(conn) == 4101
+    peers.close()

@@ -12,7 +12,10 @@ from prometheus_client import CollectorRegistry, Counter
 from sidecar.listener import OPS_LIMITS, Listener
 from sidecar.metrics import Metrics
 from sidecar.ops import MetricsCache, create_ops_app
-from sidecar.state import SecretStore
+from sidecar.redact import Redacted
+from sidecar.signer import TokenSigner
+from sidecar.state import SecretStore, Snapshot
+from tests.support import TEST_SECRET
 
 
 class Clock:
@@ -42,6 +45,56 @@ def test_renders_fresh_within_the_burst_then_serves_the_last_one() -> None:
     for _ in range(10):
         cache.exposition()
     assert cache.renders == 7
+
+
+def test_by_default_20_renders_a_second_at_most() -> None:
+    """As documented: at most 20 renderings a second, in between the last one (< 50 ms old)."""
+    clock = Clock()
+    cache = MetricsCache(CollectorRegistry(), clock=clock)
+    for _ in range(100):
+        cache.exposition()
+    assert cache.renders == 20  # the burst
+    clock.now += 25 / 512  # 48.8 ms later: not yet a twentieth of a second
+    cache.exposition()
+    assert cache.renders == 20
+    clock.now += 1 / 512  # 50.8 ms later
+    cache.exposition()
+    assert cache.renders == 21
+
+
+async def test_readyz_tells_each_products_state(aiohttp_client: Any) -> None:
+    clock = Clock()
+    store = SecretStore(["a", "b"], max_staleness=60.0, monotonic=clock)
+    client = await aiohttp_client(create_ops_app(store, CollectorRegistry()))
+
+    async def readyz() -> tuple[int, object]:
+        response = await client.get("/readyz")
+        return response.status, await response.json()
+
+    def snapshot(version: int) -> Snapshot:
+        return Snapshot(TokenSigner("p", Redacted(TEST_SECRET)), version, 0.0)
+
+    def product(loaded: bool, usable: bool, version: int | None, age: float | None) -> object:
+        return {"loaded": loaded, "usable": usable, "version": version, "secondsSinceRefresh": age}
+
+    never = product(False, False, None, None)
+    assert await readyz() == (503, {"status": "not_ready", "products": {"a": never, "b": never}})
+    store.replace("a", snapshot(7))
+    clock.now += 1.23456  # seconds since the refresh, in milliseconds
+    a = product(True, True, 7, 1.235)
+    assert await readyz() == (503, {"status": "not_ready", "products": {"a": a, "b": never}})
+    store.replace("b", snapshot(2))
+    b = product(True, True, 2, 0.0)
+    assert await readyz() == (200, {"status": "ready", "products": {"a": a, "b": b}})
+    clock.now += 60.5  # both older than max_staleness: still loaded, no longer usable
+    a, b = product(True, False, 7, 61.735), product(True, False, 2, 60.5)
+    assert await readyz() == (503, {"status": "not_ready", "products": {"a": a, "b": b}})
+    store.confirm("a")
+    store.confirm("b")
+    a, b = product(True, True, 7, 0.0), product(True, True, 2, 0.0)
+    assert await readyz() == (200, {"status": "ready", "products": {"a": a, "b": b}})
+    store.shutting_down = True
+    assert await readyz() == (503, {"status": "shutting_down", "products": {"a": a, "b": b}})
 
 
 async def test_metrics_endpoint_serves_the_exposition(aiohttp_client: Any) -> None:
