@@ -340,6 +340,8 @@ def test_values_at_and_inside_the_limits_are_accepted(
         ({"REDITUS_SIDECAR_VAULT_TIMEOUT": "0"}, "REDITUS_SIDECAR_VAULT_TIMEOUT='0': must be positive"),
         ({"REDITUS_SIDECAR_LISTEN": "127.0.0.1:65536"}, "REDITUS_SIDECAR_LISTEN='127.0.0.1:65536': port must be between 0 and 65535"),
         ({"REDITUS_SIDECAR_METRICS_LISTEN": "[::1]:65536"}, "REDITUS_SIDECAR_METRICS_LISTEN='[::1]:65536': port must be between 0 and 65535"),
+        ({"REDITUS_SIDECAR_METRICS_LISTEN": "metrics.svc:9102"}, "REDITUS_SIDECAR_METRICS_LISTEN='metrics.svc:9102': 'metrics.svc' is not an IP address"),
+        ({"REDITUS_SIDECAR_LISTEN": "localhost.:8787"}, "REDITUS_SIDECAR_LISTEN='localhost.:8787': 'localhost.' is not an IP address"),
         ({"REDITUS_SIDECAR_LISTEN": "[2001:db8::1]:8787"}, "REDITUS_SIDECAR_LISTEN='[2001:db8::1]:8787': the signing listener must be a loopback address (127.0.0.0/8 or ::1); anything else would let other hosts mint tokens"),
         ({"REDITUS_SIDECAR_LOG_FORMAT": "xml"}, "REDITUS_SIDECAR_LOG_FORMAT='xml': expected one of json, text"),
         ({"REDITUS_SIDECAR_LOG_LEVEL": "trace"}, "REDITUS_SIDECAR_LOG_LEVEL='trace': expected one of debug, info, warning, error"),
