@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 import json
-from typing import Any
+import logging
+import re
+import types
+from typing import Any, cast
 
 import jwt
 import pytest
@@ -14,11 +19,17 @@ from hypothesis import strategies as st
 from multidict import CIMultiDict
 from prometheus_client import CollectorRegistry
 
-from sidecar.api import create_api_app
+import sidecar.api
+from sidecar.api import TOKEN_HANDLER, create_api_app
+from sidecar.audit import AuditLog
+from sidecar.callers import Caller, CallerPolicy
+from sidecar.errors import SourceError
 from sidecar.metrics import Metrics
 from sidecar.redact import Redacted
-from sidecar.signer import TokenSigner
+from sidecar.signer import RemoteSigner, TokenSigner
 from sidecar.state import SecretStore, Snapshot
+
+from .support import eventually_async
 
 SECRET = "api-test-secret-0123456789abcdef0123456789abcdef0123456789abcdef01234"
 NOW = 1795460465.7
@@ -223,7 +234,16 @@ async def test_a_repeated_json_key_is_refused(client: TestClient, body: bytes) -
 
 @pytest.mark.parametrize(
     "content_type",
-    [None, "text/plain", "application/x-www-form-urlencoded", "application/json; charset=latin-1"],
+    [
+        None,
+        "text/plain",
+        "application/x-www-form-urlencoded",
+        "application/cbor",  # sorts before application/json: refused too, not only those after
+        "application/javascript",
+        "application/json; charset=latin-1",
+        "application/json; charset=us-ascii",
+        "application/json; charset=windows-1252",  # a charset sorting after utf-8
+    ],
 )
 async def test_content_type_must_be_json(client: TestClient, content_type: str | None) -> None:
     headers = {"X-Sidecar-Request": "true"}
@@ -403,3 +423,420 @@ async def test_generated_bodies_never_get_a_5xx(
         assert set(payload) == {"token", "productId", "issuedAt"}
     else:
         assert set(payload["error"]) == {"code", "message"}
+
+
+# --- boundaries, headers and metrics per outcome --------------------------------------------
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+@pytest.mark.parametrize(("size", "status"), [(16383, 200), (16384, 200), (16385, 413)])
+async def test_the_body_limit_is_16_kib_exactly(
+    client: TestClient, registry: CollectorRegistry, chunked: bool, size: int, status: int
+) -> None:
+    body = b'{"userId":"u"}' + b" " * (size - 14)
+
+    async def chunks() -> Any:  # no Content-Length: the limit holds while reading
+        yield body[:8000]
+        yield body[8000:]
+
+    response = await client.post("/v1/token", data=chunks() if chunked else body, headers=HEADERS)
+    if status == 200:
+        assert response.status == 200
+        assert errors(registry, "too_large") == 0
+    else:
+        answer = await expect_error(response, 413, "too_large")
+        assert answer["error"]["message"] == "the body is larger than 16384 bytes"
+        assert errors(registry, "too_large") == 1
+
+
+async def test_a_content_length_over_the_limit_is_refused_before_the_body_arrives(
+    aiohttp_server: Any, registry: CollectorRegistry
+) -> None:
+    """413 from the header alone: a caller announcing 16385 bytes is not waited for (were
+    it, this body that never comes would get 408 after the body timeout)."""
+    server = await aiohttp_server(build(registry, body_timeout=1))
+    reader, writer = await asyncio.open_connection(server.host, server.port)
+    writer.write(
+        b"POST /v1/token HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        b"X-Sidecar-Request: true\r\nContent-Length: 16385\r\n\r\n"
+    )
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    writer.close()
+    assert head.startswith(b"HTTP/1.1 413 "), head
+    assert errors(registry, "too_large") == 1
+
+
+async def test_userid_length_boundary(client: TestClient) -> None:
+    response = await client.post("/v1/token", json={"userId": "x" * 256}, headers=HEADERS)
+    assert response.status == 200
+    response = await client.post("/v1/token", json={"userId": "x" * 257}, headers=HEADERS)
+    answer = await expect_error(response, 400, "invalid_request")
+    assert answer["error"]["message"] == "userId is longer than 256 characters"
+
+
+@pytest.mark.parametrize(
+    ("escaped", "message"),
+    [
+        ("a\\ud800", "userId contains a lone surrogate at position 1"),
+        ("ab\\udc00", "userId contains a lone surrogate at position 2"),
+        ("\\udfff", "userId contains a lone surrogate at position 0"),
+        ("\\udbff", "userId contains a lone surrogate at position 0"),
+        ("x\\u0000", "userId contains a control character at position 1"),
+        ("\\u001f", "userId contains a control character at position 0"),
+        ("\\u007f", "userId contains a control character at position 0"),
+        ("abc\\u009f", "userId contains a control character at position 3"),
+    ],
+)
+async def test_forbidden_characters_are_named_with_their_position(
+    client: TestClient, escaped: str, message: str
+) -> None:
+    body = b'{"userId": "%s"}' % escaped.encode()
+    answer = await expect_error(
+        await client.post("/v1/token", data=body, headers=HEADERS), 400, "invalid_request"
+    )
+    assert answer["error"]["message"] == message
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (
+            b'{"userId": "a", "product": "default", "product": "shop"}',
+            "the body repeats the key 'product'; send each key once",
+        ),
+        (
+            b'{"userId": "a", "%s": 1, "%s": 2}' % (b"k" * 100, b"k" * 100),
+            f"the body repeats the key {'k' * 64!r}; send each key once",
+        ),
+    ],
+    ids=["second-key", "long-key-cut-at-64"],
+)
+async def test_the_repeated_key_is_named(client: TestClient, body: bytes, message: str) -> None:
+    response = await client.post("/v1/token", data=body, headers=HEADERS)
+    answer = await expect_error(response, 400, "invalid_json")
+    assert answer["error"]["message"] == message
+
+
+async def test_an_unknown_product_name_is_cut_at_64_characters(client: TestClient) -> None:
+    response = await client.post(
+        "/v1/token", json={"userId": "u", "product": "p" * 100}, headers=HEADERS
+    )
+    answer = await expect_error(response, 404, "unknown_product")
+    assert answer["error"]["message"] == f"no product named {'p' * 64!r} is configured"
+
+
+@pytest.mark.parametrize("value", ["yes", "truex", "false", "1"])
+async def test_the_request_header_must_say_true(client: TestClient, value: str) -> None:
+    headers = {"Content-Type": "application/json", "X-Sidecar-Request": value}
+    response = await client.post("/v1/token", json={"userId": "u"}, headers=headers)
+    await expect_error(response, 403, "missing_request_header")
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "headers", "status", "code"),
+    [
+        ("POST", "/nope", HEADERS, 404, "not_found"),
+        ("GET", "/v1/token", HEADERS, 405, "method_not_allowed"),
+        ("POST", "/v1/token", {"Content-Type": "application/json"}, 403, "missing_request_header"),
+        ("POST", "/v1/token", {**HEADERS, "Origin": "null"}, 403, "browser_origin"),
+        ("POST", "/v1/token", {**HEADERS, "Host": "evil.example"}, 403, "host_not_allowed"),
+        ("POST", "/v1/token", {"X-Sidecar-Request": "true"}, 415, "unsupported_media_type"),
+    ],
+)
+async def test_an_error_keeps_the_connection_and_carries_no_store_and_the_request_id(
+    client: TestClient,
+    registry: CollectorRegistry,
+    method: str,
+    path: str,
+    headers: dict[str, str],
+    status: int,
+    code: str,
+) -> None:
+    response = await client.request(
+        method, path, data=b'{"userId": "u"}', headers={**headers, "X-Request-Id": "req-7"}
+    )
+    await expect_error(response, status, code)
+    assert response.headers["Cache-Control"] == "no-store"
+    assert response.headers["X-Request-Id"] == "req-7"
+    assert "Connection" not in response.headers  # keep-alive: only a stalled body closes
+    assert response.headers.get("Allow") == ("POST" if status == 405 else None)
+    assert "Retry-After" not in response.headers
+    assert errors(registry, code) == 1
+    issued = {"product": "default"}
+    assert registry.get_sample_value("reditus_sidecar_tokens_issued_total", issued) == 0
+
+
+async def test_made_request_ids_are_distinct_hex_with_one_prefix(client: TestClient) -> None:
+    ids = []
+    for path in ("/v1/token", "/v1/token", "/nope", "/v1/token"):
+        response = await client.post(path, json={"userId": "u"}, headers=HEADERS)
+        ids.append(response.headers["X-Request-Id"])
+    assert all(re.fullmatch("[0-9a-f]{16}", made) for made in ids), ids
+    assert len(set(ids)) == len(ids)
+    assert len({made[:8] for made in ids}) == 1
+
+
+async def test_a_request_id_of_64_characters_is_kept_65_is_replaced(client: TestClient) -> None:
+    sane = "a" * 63 + "."
+    response = await client.post(
+        "/v1/token", json={"userId": "u"}, headers={**HEADERS, "X-Request-Id": sane}
+    )
+    assert response.headers["X-Request-Id"] == sane
+    response = await client.post(
+        "/v1/token", json={"userId": "u"}, headers={**HEADERS, "X-Request-Id": sane + "b"}
+    )
+    assert re.fullmatch("[0-9a-f]{16}", response.headers["X-Request-Id"])
+
+
+async def test_a_bug_answers_500_internal_and_is_counted(
+    aiohttp_client: Any, registry: CollectorRegistry
+) -> None:
+    def broken_clock() -> float:
+        raise RuntimeError("a bug")
+
+    app = build(registry)
+    app[TOKEN_HANDLER].clock = broken_clock
+    client = await aiohttp_client(app)
+    response = await client.post(
+        "/v1/token", json={"userId": "u"}, headers={**HEADERS, "X-Request-Id": "bug-1"}
+    )
+    answer = await expect_error(response, 500, "internal")
+    assert answer["error"]["message"] == "internal error; see the sidecar's log"
+    assert response.headers["X-Request-Id"] == "bug-1"
+    assert response.headers["Cache-Control"] == "no-store"
+    assert errors(registry, "internal") == 1
+    assert app[TOKEN_HANDLER].in_flight == 0
+
+
+async def test_latency_is_the_time_inside_the_handler(
+    client: TestClient, registry: CollectorRegistry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ticks = itertools.count()
+    fake_time = types.SimpleNamespace(perf_counter=lambda: 10.0 + 0.25 * next(ticks))
+    monkeypatch.setattr(sidecar.api, "time", fake_time)
+    assert (await client.post("/v1/token", json={"userId": "u"}, headers=HEADERS)).status == 200
+    token = {"endpoint": "token"}
+    assert registry.get_sample_value("reditus_sidecar_request_duration_seconds_sum", token) == 0.25
+    le = {**token, "le": "0.25"}
+    assert registry.get_sample_value("reditus_sidecar_request_duration_seconds_bucket", le) == 1
+    le = {**token, "le": "0.1"}
+    assert registry.get_sample_value("reditus_sidecar_request_duration_seconds_bucket", le) == 0
+
+
+async def test_in_flight_counts_a_request_while_its_body_arrives(
+    aiohttp_client: Any, registry: CollectorRegistry
+) -> None:
+    app = build(registry)
+    handler = app[TOKEN_HANDLER]
+    client = await aiohttp_client(app)
+    assert handler.in_flight == 0
+    go_on = asyncio.Event()
+
+    async def slow_body() -> Any:
+        yield b'{"userId": '
+        await go_on.wait()
+        yield b'"u"}'
+
+    sending = asyncio.ensure_future(client.post("/v1/token", data=slow_body(), headers=HEADERS))
+    await eventually_async(lambda: handler.in_flight, what="the request in the handler")
+    assert handler.in_flight == 1
+    go_on.set()
+    assert (await sending).status == 200
+    assert handler.in_flight == 0
+    await expect_error(await client.get("/v1/token"), 405, "method_not_allowed")
+    assert handler.in_flight == 0
+
+
+@pytest.mark.looptime
+async def test_a_stalled_body_gets_408_after_5_s_and_the_connection_closes(
+    client: TestClient, registry: CollectorRegistry
+) -> None:
+    """On a fast-forwarded loop clock: the default body timeout is 5 s."""
+    never = asyncio.Event()
+
+    async def stalled() -> Any:
+        yield b'{"userId": '
+        await never.wait()
+        yield b"}"
+
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    response = await client.post("/v1/token", data=stalled(), headers=HEADERS)
+    answer = await expect_error(response, 408, "request_timeout")
+    assert 5.0 <= loop.time() - began < 5.1
+    assert answer["error"]["message"] == "the body did not arrive within 5 s"
+    assert response.headers["Connection"] == "close"
+    assert response.headers["Cache-Control"] == "no-store"
+    assert errors(registry, "request_timeout") == 1
+
+
+async def test_retry_after_defaults_to_1_s(
+    aiohttp_client: Any, registry: CollectorRegistry
+) -> None:
+    client = await aiohttp_client(build(registry, loaded=False))
+    response = await client.post("/v1/token", json={"userId": "u"}, headers=HEADERS)
+    await expect_error(response, 503, "secret_unavailable")
+    assert response.headers["Retry-After"] == "1"
+    assert errors(registry, "secret_unavailable") == 1
+
+
+async def test_token_issued_is_logged_at_debug_only(
+    client: TestClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="sidecar.api")
+    await client.post("/v1/token", json={"userId": "u"}, headers=HEADERS)
+    assert [r for r in caplog.records if r.getMessage() == "token issued"] == []
+    caplog.set_level(logging.DEBUG, logger="sidecar.api")
+    await client.post("/v1/token", json={"userId": "u"}, headers={**HEADERS, "X-Request-Id": "r9"})
+    (issued,) = [r for r in caplog.records if r.getMessage() == "token issued"]
+    assert (issued.request_id, issued.product, issued.version) == ("r9", "default", 3)  # type: ignore[attr-defined]
+
+
+# --- allow-list, audit and transit mode, in process ---------------------------------------
+
+
+class _Audit:
+    """Stands in for AuditLog: keeps what was submitted, answers with `result`."""
+
+    def __init__(self, result: bool | None) -> None:
+        self.result = result
+        self.records: list[dict[str, Any]] = []
+
+    def submit(self, **record: Any) -> asyncio.Future[bool] | None:
+        self.records.append(record)
+        if self.result is None:  # failing open: nothing to wait for
+            return None
+        done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        done.set_result(self.result)
+        return done
+
+
+@pytest.mark.parametrize("check_host", [True, False], ids=["tcp", "unix"])
+@pytest.mark.parametrize("result", [None, True], ids=["open", "closed-written"])
+async def test_the_audit_gets_the_record_of_each_token(
+    aiohttp_client: Any, registry: CollectorRegistry, check_host: bool, result: bool | None
+) -> None:
+    audit = _Audit(result)
+    client = await aiohttp_client(
+        build(registry, check_host=check_host, audit=cast(AuditLog, audit))
+    )
+    response = await client.post(
+        "/v1/token", json={"userId": "u-9"}, headers={**HEADERS, "X-Request-Id": "a-1"}
+    )
+    assert response.status == 200
+    assert audit.records == [
+        {
+            "request_id": "a-1",
+            "product": "default",
+            "product_id": "id-default",
+            "version": 3,
+            "issued_at": int(NOW),
+            # no kernel credentials in process: TCP says so, a unix peer is "unknown"
+            "caller": "tcp" if check_host else "unknown",
+            "user_id": "u-9",
+        }
+    ]
+
+
+async def test_an_unwritten_audit_record_withholds_the_token(
+    aiohttp_client: Any, registry: CollectorRegistry
+) -> None:
+    audit = _Audit(False)
+    client = await aiohttp_client(build(registry, audit=cast(AuditLog, audit)))
+    response = await client.post("/v1/token", json={"userId": "u"}, headers=HEADERS)
+    answer = await expect_error(response, 503, "audit_unavailable")
+    assert "token" not in answer
+    assert response.headers["Retry-After"] == "1"
+    assert len(audit.records) == 1
+    assert errors(registry, "audit_unavailable") == 1
+    issued = {"product": "default"}
+    assert registry.get_sample_value("reditus_sidecar_tokens_issued_total", issued) == 0
+
+
+@pytest.mark.parametrize(
+    ("caller", "status", "message"),
+    [
+        (None, 403, "the kernel could not identify this caller and an allow-list is set"),
+        (Caller(uid=9, gid=None, pid=None), 403, "uid 9 is not allowed to sign"),
+        (Caller(uid=9, gid=10, pid=55), 403, "uid 9 and gid 10 are not allowed to sign"),
+        (Caller(uid=7, gid=None, pid=None), 200, None),
+        (Caller(uid=9, gid=8, pid=55), 200, None),
+    ],
+)
+async def test_the_allow_list_names_the_refused_caller(
+    aiohttp_client: Any,
+    registry: CollectorRegistry,
+    monkeypatch: pytest.MonkeyPatch,
+    caller: Caller | None,
+    status: int,
+    message: str | None,
+) -> None:
+    monkeypatch.setattr(sidecar.api, "caller_of", lambda _request: caller)
+    audit = _Audit(None)
+    policy = CallerPolicy(frozenset({7}), frozenset({8}))
+    client = await aiohttp_client(build(registry, callers=policy, audit=cast(AuditLog, audit)))
+    response = await client.post("/v1/token", json={"userId": "u"}, headers=HEADERS)
+    if status == 200:
+        assert response.status == 200
+        assert [record["caller"] for record in audit.records] == [caller]
+        assert errors(registry, "caller_not_allowed") == 0
+    else:
+        answer = await expect_error(response, 403, "caller_not_allowed")
+        assert answer["error"]["message"] == message
+        assert errors(registry, "caller_not_allowed") == 1
+        # order 2a: after the method, before the request header
+        await expect_error(await client.get("/v1/token"), 405, "method_not_allowed")
+        response = await client.post("/v1/token", json={"userId": "u"})
+        await expect_error(response, 403, "caller_not_allowed")
+
+
+class _Transit(RemoteSigner):
+    """A remote signer answering with a fixed token, or failing like Vault can."""
+
+    def __init__(self, error: SourceError | None = None) -> None:
+        super().__init__("id-transit")
+        self.error = error
+
+    async def sign_remote(self, user_id: str, iat: int) -> tuple[str, int]:
+        if self.error is not None:
+            raise self.error
+        return f"remote.{user_id}.{iat}", 12
+
+
+def _transit_app(registry: CollectorRegistry, signer: _Transit) -> web.Application:
+    metrics = Metrics(registry, ["default"], "test")
+    store = SecretStore(["default"])
+    store.replace("default", Snapshot(signer=signer, version=1, loaded_at=NOW))
+    return create_api_app(store, metrics, clock=lambda: NOW)
+
+
+async def test_transit_mode_answers_with_the_remote_token(
+    aiohttp_client: Any, registry: CollectorRegistry, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="sidecar.api")
+    client = await aiohttp_client(_transit_app(registry, _Transit()))
+    response = await client.post("/v1/token", json={"userId": "u"}, headers=HEADERS)
+    assert response.status == 200
+    assert await response.json() == {
+        "token": f"remote.u.{int(NOW)}",
+        "productId": "id-transit",
+        "issuedAt": int(NOW),
+    }
+    (issued,) = [r for r in caplog.records if r.getMessage() == "token issued"]
+    assert issued.version == 12  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    ("retry_after", "header"),
+    [(None, "1"), (0.0, "1"), (0.2, "1"), (2.5, "3"), (7.0, "7"), (-3.0, "1")],
+)
+async def test_transit_failure_is_503_with_a_whole_retry_after_of_at_least_1(
+    aiohttp_client: Any, registry: CollectorRegistry, retry_after: float | None, header: str
+) -> None:
+    signer = _Transit(SourceError("Vault is sealed", retry_after=retry_after))
+    client = await aiohttp_client(_transit_app(registry, signer))
+    response = await client.post("/v1/token", json={"userId": "u"}, headers=HEADERS)
+    answer = await expect_error(response, 503, "secret_unavailable")
+    assert "Vault is sealed" not in answer["error"]["message"]
+    assert response.headers["Retry-After"] == header
+    assert errors(registry, "secret_unavailable") == 1
