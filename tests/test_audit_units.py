@@ -187,7 +187,7 @@ def test_the_key_is_reread_at_most_once_a_second_and_only_when_it_changed(
     assert digest_key(hasher) == new_key
     assert "audit key not reloaded; the previous key stays" not in messages()
     replace(b"short")  # a bad key: reported once, the key stays
-    for now in (104.0, 105.0):
+    for now in (104.5, 105.5):  # more than an interval apart
         clock.now = now
         assert digest_key(hasher) == new_key
     assert messages().count("audit key not reloaded; the previous key stays") == 1
@@ -401,7 +401,10 @@ def test_write_failures_are_reported_once_per_interval_then_recovery_once(
     clock.now = 10.0
     audit._write([entry(), entry(), entry()])
     assert reports() == [(2, "No space left on device"), (4, "OSError")]
-    assert errors(registry, "write") == 6
+    clock.now = 25.0  # well past the interval
+    audit._write([entry()])
+    assert reports() == [(2, "No space left on device"), (4, "OSError"), (1, "OSError")]
+    assert errors(registry, "write") == 7
     target.error = None
     for _ in range(2):
         audit._write([entry()])

@@ -409,8 +409,11 @@ def test_protocol_errors_are_logged_once_per_interval_with_their_count(
     clock.now = 20.0
     errors.record()
     assert reported() == [1, 4, 2]
+    clock.now = 35.0  # well past the interval
+    errors.record()
+    assert reported() == [1, 4, 2, 1]
     assert caplog.records[-1].listener == "test"  # type: ignore[attr-defined]
-    assert sample(registry, "http_protocol_errors_total") == 7
+    assert sample(registry, "http_protocol_errors_total") == 8
 
 
 # --- sockets, peers and addresses ----------------------------------------------------------
