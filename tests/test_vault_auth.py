@@ -694,6 +694,11 @@ async def test_a_refused_approle_login(
             "Vault itself (a TLS-terminating proxy in between hides the client certificate)",
         ),
         (
+            "approle",
+            "Vault refused the approle login (HTTP 400 on auth/m/login: client certificate over "
+            f"a TLS connection required): {APPROLE_HINT}",
+        ),
+        (
             "jwt",
             "Vault refused the jwt login (HTTP 400 on auth/m/login: client certificate over a "
             "TLS connection required): check REDITUS_SIDECAR_VAULT_ROLE ('web') and that the "
@@ -707,8 +712,11 @@ async def test_a_plain_http_cert_login_says_so(tmp_path: Path, method: str, mess
     refusal = VaultHTTPError(400, ["client certificate over a TLS connection required"], None, None)
     transport.client.adapter.post.side_effect = refusal
     transport.client.auth.jwt.jwt_login.side_effect = refusal
+    transport.client.auth.approle.login.side_effect = refusal
     jwt_file = write_file(tmp_path / "sa", "eyJ.sa.token")
-    settings = settings_of(auth=method, auth_mount="m", token=None, role="web", jwt_file=jwt_file)
+    settings = settings_of(
+        auth=method, auth_mount="m", token=None, role="web", jwt_file=jwt_file, role_id="rid"
+    )
     with pytest.raises(VaultLoginRefused) as caught:
         await Authenticator(settings).login(transport)  # type: ignore[arg-type]
     assert str(caught.value) == message.format(jwt_file=jwt_file)
