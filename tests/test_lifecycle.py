@@ -10,6 +10,8 @@ import stat
 import time
 from pathlib import Path
 
+import pytest
+
 from sidecar.server import bind_unix_socket, remove_own_socket
 
 from .support import (
@@ -41,6 +43,19 @@ def test_the_socket_is_0660_from_the_bind_on_whatever_the_umask(tmp_path: Path) 
         sock.close()
         remove_own_socket(tmp_path / "s.sock", identity)
     assert not (tmp_path / "s.sock").exists()
+
+
+@pytest.mark.parametrize("offset", [-1, 1])
+def test_a_socket_file_that_is_not_ours_any_more_is_left_alone(tmp_path: Path, offset: int) -> None:
+    """Only the very file this process bound is removed at exit: another one at the path
+    (a new sidecar's socket, whatever its inode number) stays."""
+    path = tmp_path / "s.sock"
+    path.touch()
+    st = os.lstat(path)
+    remove_own_socket(path, (st.st_dev, st.st_ino + offset))
+    assert path.exists()
+    remove_own_socket(path, (st.st_dev, st.st_ino))
+    assert not path.exists()
 
 
 def test_a_second_sidecar_on_a_live_socket_refuses_and_leaves_it_alone(tmp_path: Path) -> None:
