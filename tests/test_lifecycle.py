@@ -3,6 +3,7 @@ that is not a file, SIGHUP storms and the shutdown delay."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import socket
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from sidecar.server import bind_unix_socket, remove_own_socket
+from sidecar.server import _wait_for_handlers, bind_unix_socket, remove_own_socket
 
 from .support import (
     SidecarProcess,
@@ -197,3 +198,27 @@ def test_requests_during_the_drain_after_the_delay(tmp_path: Path) -> None:
             conn.close()
         assert answer.split(b" ", 2)[1] == b"200"
         assert sidecar.wait(15) == 0
+
+
+class DrainingHandler:
+    """Stands in for a TokenHandler: one request in flight until the loop time `until`."""
+
+    def __init__(self, until: float) -> None:
+        self.until = until
+
+    @property
+    def in_flight(self) -> int:
+        return int(asyncio.get_running_loop().time() < self.until)
+
+
+@pytest.mark.looptime
+async def test_the_drain_ends_within_a_hundredth_of_a_second_of_the_last_request() -> None:
+    """On a fast-forwarded loop clock: the shutdown waits for requests in a handler, checking
+    every 10 ms, and gives up at the grace period."""
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    await _wait_for_handlers([DrainingHandler(began + 0.5)], grace=5.0)  # type: ignore[list-item]
+    assert 0.5 <= loop.time() - began <= 0.52
+    began = loop.time()
+    await _wait_for_handlers([DrainingHandler(began + 60)], grace=5.0)  # type: ignore[list-item]
+    assert 5.0 <= loop.time() - began <= 5.02
