@@ -380,3 +380,32 @@ def open_socket_dir() -> Iterator[Path]:
 def open_to_all(socket_path: Path) -> None:
     eventually(socket_path.exists, what=f"{socket_path} is created")
     socket_path.chmod(0o666)
+
+
+@contextlib.contextmanager
+def answering_http(body: bytes, content_type: str) -> Iterator[tuple[str, list[dict[str, str]]]]:
+    """A loopback HTTP server answering every GET with 200 and `body` (a proxy or web page at
+    VAULT_ADDR, or a minimal Vault); yields its URL and the headers of each request seen."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    seen: list[dict[str, str]] = []
+
+    class Answer(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            seen.append(dict(self.headers.items()))
+            self.send_response(200)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            return None
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Answer)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", seen
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -35,6 +35,7 @@ from sidecar.sources.vault_client import (
     parse_retry_after,
 )
 from tests.openbao import make_ca, make_client_cert
+from tests.support import answering_http
 
 ADDR = "http://127.0.0.1:1"  # never dialled: the calls fail before any request
 
@@ -480,35 +481,13 @@ async def test_a_netrc_entry_for_vaults_host_is_not_sent(
 ) -> None:
     """requests would add `Authorization: Basic` from ~/.netrc (trust_env): our session
     sends only the Vault token."""
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-    seen: list[str | None] = []
-
-    class Vault(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            seen.append(self.headers.get("Authorization"))
-            body = b'{"data": {"ttl": 0}}'
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args: object) -> None:
-            return None
-
     netrc = tmp_path / ".netrc"
     netrc.write_text("machine 127.0.0.1 login someone password hunter2\n")
     netrc.chmod(0o600)
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.setenv("NETRC", str(netrc))
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Vault)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        t = transport(VAULT_ADDR=f"http://127.0.0.1:{server.server_address[1]}")
+    with answering_http(b'{"data": {"ttl": 0}}', "application/json") as (url, seen):
+        t = transport(VAULT_ADDR=url)
         answer = await t.call(lambda client: client.auth.token.lookup_self(), token="s.abc")
-        assert answer == {"data": {"ttl": 0}}
-        assert seen == [None]
-    finally:
-        server.shutdown()
-        server.server_close()
+    assert answer == {"data": {"ttl": 0}}
+    assert [headers.get("Authorization") for headers in seen] == [None]

@@ -29,6 +29,7 @@ from tests.openbao import (
 )
 from tests.support import (
     SidecarProcess,
+    answering_http,
     eventually,
     eventually_async,
     post_token,
@@ -331,30 +332,10 @@ def test_cold_start_before_vault_exists() -> None:
 
 async def test_something_else_answering_at_vault_addr(openbao) -> None:
     """A proxy or web server at VAULT_ADDR: a clear error, not a crash."""
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-    from threading import Thread
-
-    class Html(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            body = b"<html>hello</html>"
-            self.send_response(200)
-            self.send_header("Content-Type", "text/html")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args: object) -> None:
-            return None
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Html)
-    Thread(target=server.serve_forever, daemon=True).start()
-    session, source = session_for(
-        openbao, None, VAULT_ADDR=f"http://127.0.0.1:{server.server_address[1]}"
-    )
-    try:
-        with pytest.raises(VaultUnreachable, match="not Vault's JSON API"):
-            await source.fetch()
-    finally:
-        await session.close()
-        server.shutdown()
-        server.server_close()
+    with answering_http(b"<html>hello</html>", "text/html") as (url, _seen):
+        session, source = session_for(openbao, None, VAULT_ADDR=url)
+        try:
+            with pytest.raises(VaultUnreachable, match="not Vault's JSON API"):
+                await source.fetch()
+        finally:
+            await session.close()
