@@ -40,20 +40,21 @@ log = logging.getLogger(__name__)
 
 SHUTDOWN_GRACE = 10.0  # seconds in-flight requests get after SIGTERM
 SOCKET_MODE = 0o660
-PROBE_TIMEOUT = 1.0  # how long a live process on our socket path gets to accept a connection
 
 _FileId = tuple[int, int]
 
 
 def _socket_in_use(path: Path) -> bool:
-    """Whether a process accepts connections on the socket at `path` (else it is stale)."""
+    """Whether a process accepts connections on the socket at `path` (else it is stale).
+    A unix connect never waits: it is accepted into the backlog, refused, or finds the
+    backlog full (EAGAIN, whatever the socket's timeout)."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-        probe.settimeout(PROBE_TIMEOUT)
+        probe.setblocking(False)
         try:
             probe.connect(str(path))
         except (ConnectionRefusedError, FileNotFoundError):
             return False
-        except TimeoutError:
+        except BlockingIOError:
             return True  # a full backlog: alive, just busy
         return True
 
@@ -226,7 +227,6 @@ async def serve(settings: Settings, *, stop: asyncio.Event | None = None) -> int
             await _shutdown_delay(stop, settings.shutdown_delay)
     finally:
         log.info("shutting down: finishing in-flight requests")
-        store.shutting_down = True
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(signum)
         for listener in listeners.values():

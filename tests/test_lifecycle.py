@@ -74,6 +74,30 @@ def test_a_second_sidecar_on_a_live_socket_refuses_and_leaves_it_alone(tmp_path:
     assert not path.exists()
 
 
+def test_a_live_socket_with_a_full_backlog_is_not_taken_over(tmp_path: Path) -> None:
+    """A sidecar too busy to accept is still alive: its socket is neither replaced nor
+    reported as an unexplained EAGAIN."""
+    path = tmp_path / "sidecar.sock"
+    busy = socket.socket(socket.AF_UNIX)
+    busy.bind(str(path))
+    busy.listen(0)
+    waiting = [socket.socket(socket.AF_UNIX)]
+    waiting[0].connect(str(path))  # the one pending connection a zero backlog holds
+    inode = os.lstat(path).st_ino
+    try:
+        extra = socket.socket(socket.AF_UNIX)
+        waiting.append(extra)
+        extra.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            extra.connect(str(path))  # the backlog is full
+        with pytest.raises(OSError, match="another process is serving on this socket"):
+            bind_unix_socket(path)
+        assert os.lstat(path).st_ino == inode
+    finally:
+        for sock in [*waiting, busy]:
+            sock.close()
+
+
 def test_a_socket_file_replaced_by_someone_else_is_not_deleted_at_exit(tmp_path: Path) -> None:
     path = tmp_path / "sidecar.sock"
     with start_sidecar(tmp_path, REDITUS_SIDECAR_UNIX_SOCKET=str(path)) as sidecar:
@@ -222,3 +246,6 @@ async def test_the_drain_ends_within_a_hundredth_of_a_second_of_the_last_request
     began = loop.time()
     await _wait_for_handlers([DrainingHandler(began + 60)], grace=5.0)  # type: ignore[list-item]
     assert 5.0 <= loop.time() - began <= 5.02
+    began = loop.time()  # a grace between two checks: the first check past it ends the wait
+    await _wait_for_handlers([DrainingHandler(began + 60)], grace=5.005)  # type: ignore[list-item]
+    assert 5.005 <= loop.time() - began <= 5.02
