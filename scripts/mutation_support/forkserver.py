@@ -68,9 +68,12 @@ def serve(path: str) -> None:
                     sys.stdout.flush()
                     sys.stderr.flush()
                     os._exit(code)
-            conn.sendall(f"{pid}\n".encode())
+            # the caller may be gone (it gave up on a hanging run): the server goes on
+            with contextlib.suppress(OSError):
+                conn.sendall(f"{pid}\n".encode())
             _, status = os.waitpid(pid, 0)
-            conn.sendall(f"{os.waitstatus_to_exitcode(status)}\n".encode())
+            with contextlib.suppress(OSError):
+                conn.sendall(f"{os.waitstatus_to_exitcode(status)}\n".encode())
 
 
 if __name__ == "__main__":
