@@ -358,6 +358,39 @@ def test_sign_and_check_commands(tmp_path: Path) -> None:
     assert any("control character" in line for line in lines)
 
 
+def test_no_command_is_a_usage_error() -> None:
+    proc, lines = spawn([], base_env())
+    assert proc.wait(20) == 2
+    join_output(proc)
+    assert "the following arguments are required: COMMAND" in lines[-1]
+    assert not any("Traceback" in line for line in lines)
+
+
+def test_one_shot_commands_print_their_result_and_warnings_only(tmp_path: Path) -> None:
+    """`check` and `sign` print their result; of the logs only warnings join it (here: an
+    unknown variable), and at REDITUS_SIDECAR_LOG_LEVEL=error not even those."""
+    secret = tmp_path / "s.json"
+    write_secret(secret)
+    env = base_env(
+        REDITUS_SIDECAR_SECRET_SOURCE="file",
+        REDITUS_SIDECAR_SECRET_FILE=str(secret),
+        REDITUS_SIDECAR_TYPO="1",
+    )
+    proc, lines = spawn(["check"], env)
+    assert proc.wait(20) == 0
+    join_output(proc)
+    warning, result = lines
+    assert json.loads(warning)["msg"] == "ignoring unknown variables (typo?)"
+    assert json.loads(warning)["detail"] == "REDITUS_SIDECAR_TYPO"
+    assert result.startswith("check: product default: ok")
+    for command in (["check"], ["sign", "--user-id", "u-quiet"]):
+        proc, lines = spawn(command, {**env, "REDITUS_SIDECAR_LOG_LEVEL": "error"})
+        assert proc.wait(20) == 0
+        join_output(proc)
+        assert len(lines) == 1, lines
+    assert signed_with(lines[0], TEST_SECRET)
+
+
 def test_debug_logs_carry_the_request_id_and_text_format_works(tmp_path: Path) -> None:
     with start_sidecar(tmp_path, REDITUS_SIDECAR_LOG_LEVEL="debug") as sidecar:
         post_token(sidecar.api_url, {"userId": "u-dbg"}, headers={"X-Request-Id": "req-7"})
