@@ -447,6 +447,8 @@ def test_token_lifetime(clock: types.SimpleNamespace) -> None:
     assert state(0.0).expires_at is None
     assert state(30.0).expiry_wall_time() == 1020.0  # 1000 + (40 + 30 - 50)
     assert state(0.0).expiry_wall_time() == 0.0
+    assert state(1.0).expires_at == 41.0  # a one-second token still expires
+    assert state(1.0).expiry_wall_time() == 991.0
     assert state(30.0).capped is False
 
 
