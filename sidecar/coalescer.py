@@ -61,10 +61,6 @@ class Coalescer(Generic[I, R]):
         self._last_error: SourceError | None = None
 
     @property
-    def in_flight(self) -> int:
-        return len(self._tasks)
-
-    @property
     def failing(self) -> bool:
         """The last call failed: the breaker is open or probing."""
         return self._failures > 0
