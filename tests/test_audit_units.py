@@ -203,7 +203,7 @@ async def test_a_record_holds_exactly_these_fields(
     key_file.write_bytes(KEY)
     audit, registry = make_audit(tmp_path, key_file=key_file)
     with monkeypatch.context() as patch:
-        patch.setattr(time, "time", lambda: 1700000000.0625)
+        patch.setattr(time, "time", lambda: 1700000123.0625)  # .062 s after 22:15:23
         audit.submit(**{**RECORD, "caller": Caller(uid=7, gid=8, pid=9)})
         audit.submit(**{**RECORD, "caller": Caller(uid=7, gid=None, pid=None)})
         audit.submit(**RECORD)
@@ -212,7 +212,7 @@ async def test_a_record_holds_exactly_these_fields(
     lines = [json.loads(line) for line in (tmp_path / "audit.log").read_text().splitlines()]
     common = {
         "audit": True,
-        "time": "2023-11-14T22:13:20.062Z",
+        "time": "2023-11-14T22:15:23.062Z",
         "request_id": "r-1",
         "product": "default",
         "product_id": "p-1",
@@ -453,6 +453,11 @@ def test_the_file_is_kept_open_then_reopened_when_moved_or_removed(
     assert path.read_bytes() == b"four\n"
     assert path.stat().st_mode & 0o777 == 0o600
     assert open_on(path) == 1
+    path.rename(tmp_path / "a.log.2")  # logrotate's create mode: moved, a new file made
+    path.touch()
+    target.write(b"five\n")
+    assert (tmp_path / "a.log.2").read_bytes() == b"four\n"
+    assert path.read_bytes() == b"five\n"
     target.close()
     assert open_on(path) == 0
     target.close()
