@@ -289,7 +289,7 @@ async def test_vaults_retry_after_stretches_the_login_backoff(
         await session.login()
     assert held.value.retry_after == 7.0
     assert fake.client.auth.approle.login.call_count == 1
-    clock.now = 107.0
+    clock.now = 107.5
     assert (await session.login()).token.reveal() == "s.1"
 
 
@@ -540,6 +540,95 @@ async def test_start_twice_runs_one_loop(
     await session.close()
     assert task is not None
     assert task.cancelled()
+
+
+# --- revocation at shutdown -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("vault_settings", "mode", "revoked"),
+    [
+        (approle(), "true", True),
+        (approle(), "all", True),
+        (approle(), "false", False),
+        (settings(), "true", False),  # a token handed to the sidecar is not ours to revoke
+        (settings(), "all", True),
+    ],
+)
+async def test_close_revokes_the_token_it_logged_in_for(
+    clock: types.SimpleNamespace,
+    registry: CollectorRegistry,
+    caplog_vault: pytest.LogCaptureFixture,
+    vault_settings: VaultSettings,
+    mode: str,
+    revoked: bool,
+) -> None:
+    mode = "".join(mode)  # a fresh string, as config makes it
+    session, fake = session_of(
+        dataclasses.replace(vault_settings, revoke_on_shutdown=mode), registry
+    )
+    fake.client.auth.approle.login.side_effect = Script(logged_in("s.1"))
+    fake.client.auth.token.lookup_self.side_effect = Script(lookup(60))
+    token = (await session.token()).token.reveal()
+    await session.close(revoke=True)
+    assert fake.client.auth.token.revoke_self.call_count == (1 if revoked else 0)
+    if revoked:
+        assert (fake.tokens[-1], fake.bounds[-1]) == (token, 2.0)
+    done = records(caplog_vault, "revoked the Vault token at shutdown")
+    assert len(done) == (1 if revoked else 0)
+
+
+async def test_close_without_a_token_revokes_nothing(
+    clock: types.SimpleNamespace, registry: CollectorRegistry
+) -> None:
+    session, fake = session_of(approle(), registry)
+    await session.close(revoke=True)
+    assert fake.tokens == []
+    assert fake.closed
+
+
+@pytest.mark.parametrize(
+    ("failure", "message", "field", "value"),
+    [
+        (
+            VaultTimeout("no answer"),
+            "revoking the Vault token at shutdown timed out; it lapses at its TTL",
+            "detail",
+            "no answer within 1.5s",
+        ),
+        (
+            VaultHTTPError(403, ["permission denied for s.1"], None, None),
+            "Vault refused to revoke the token at shutdown; it lapses at its TTL",
+            "error",
+            "permission denied for ********",
+        ),
+        (
+            SecretUnavailable("the Vault session is closed"),
+            "could not revoke the Vault token at shutdown; it lapses at its TTL",
+            "error",
+            "the Vault session is closed",
+        ),
+    ],
+)
+async def test_a_failed_revocation_is_a_warning(
+    clock: types.SimpleNamespace,
+    registry: CollectorRegistry,
+    caplog_vault: pytest.LogCaptureFixture,
+    failure: Exception,
+    message: str,
+    field: str,
+    value: str,
+) -> None:
+    session, fake = session_of(dataclasses.replace(approle(), timeout=1.5), registry)
+    fake.client.auth.approle.login.side_effect = Script(logged_in("s.1"))
+    fake.client.auth.token.lookup_self.side_effect = Script(lookup(60))
+    fake.client.auth.token.revoke_self.side_effect = Script(failure)
+    await session.token()
+    await session.close(revoke=True)
+    assert fake.bounds[-1] == 1.5  # the Vault timeout, when under REVOKE_TIMEOUT
+    (warning,) = records(caplog_vault, message)
+    assert (warning.levelno, getattr(warning, field)) == (logging.WARNING, value)
+    assert records(caplog_vault, "revoked the Vault token at shutdown") == []
 
 
 # --- KV v2 reads ---------------------------------------------------------------------------
