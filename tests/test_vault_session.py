@@ -277,13 +277,15 @@ async def test_a_failed_login_is_not_retried_before_its_backoff_ends(
 
 
 async def test_vaults_retry_after_stretches_the_login_backoff(
-    clock: types.SimpleNamespace, registry: CollectorRegistry
+    clock: types.SimpleNamespace, registry: CollectorRegistry, caplog_vault: Any
 ) -> None:
     session, fake = session_of(approle(), registry)
     fake.client.auth.approle.login.side_effect = Script(refused(429, 7.0), logged_in("s.1"))
     fake.client.auth.token.lookup_self.side_effect = Script(lookup(60))
     with pytest.raises(SecretUnavailable):
         await session.login()
+    # the log line names the wait the session will keep: Vault's 7 s, not the backoff step
+    assert [r.retry_in for r in records(caplog_vault, "Vault login failed")] == [7.0]  # type: ignore[attr-defined]
     clock.now = 106.9  # past the 1 s backoff step, within Vault's 7 s
     with pytest.raises(SecretUnavailable) as held:
         await session.login()

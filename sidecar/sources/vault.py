@@ -159,7 +159,8 @@ class VaultSession:
             except SourceError as exc:
                 self._login_failures += 1
                 delay = backoff_delay(self._login_failures, self.backoff_max, self._rng)
-                self._not_before = time.monotonic() + max(delay, exc.retry_after or 0)
+                delay = max(delay, exc.retry_after or 0)  # Vault's Retry-After, if longer
+                self._not_before = time.monotonic() + delay
                 self._last_error = exc
                 self._count_login("error")
                 log.warning(
