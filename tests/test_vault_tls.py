@@ -225,6 +225,19 @@ def test_not_after_with_either_version_and_any_length_form(
     assert not_after(path) == expected
 
 
+def test_not_after_of_generalized_time_and_of_the_first_certificate_in_a_chain(
+    tmp_path: Path, pki: Pki
+) -> None:
+    """A notAfter past 2049 is a GeneralizedTime (RFC 5280); a certificate file may hold
+    its chain after it, and the first certificate is the one presented."""
+    validity = tlv(0x17, b"260101000000Z") + tlv(0x18, b"20600630120000Z")  # GeneralizedTime
+    fields = [tlv(0x02, b"\x05"), tlv(0x30, b"alg"), tlv(0x30, b"issuer"), tlv(0x30, validity)]
+    der = tlv(0x30, tlv(0x30, b"".join(fields)) + tlv(0x30, b"alg") + tlv(0x03, b"\x00s"))
+    path = tmp_path / "chain.pem"
+    path.write_text(ssl.DER_cert_to_PEM_cert(der) + pki.client[0].read_text())
+    assert not_after(path) == datetime.datetime(2060, 6, 30, 12, 0, 0, tzinfo=datetime.UTC)
+
+
 def test_not_after_of_something_else_is_a_pair_error(tmp_path: Path) -> None:
     path = tmp_path / "cert.pem"
     with pytest.raises(PairError, match="cannot read its validity"):
