@@ -172,6 +172,8 @@ def test_closed_mode_on_a_full_disk_refuses(tmp_path: Path) -> None:
     with start_sidecar(
         tmp_path, REDITUS_SIDECAR_AUDIT="/dev/full", REDITUS_SIDECAR_AUDIT_FAIL="closed"
     ) as sidecar:
+        started = [r for r in sidecar.log_records() if r["msg"] == "issuance audit on"]
+        assert [r["detail"] for r in started] == ["/dev/full, failing closed"]
         status, body = post_token(sidecar.api_url, {"userId": "u"})
         assert (status, body["error"]["code"]) == (503, "audit_unavailable")  # type: ignore[index]
         assert (
@@ -186,6 +188,8 @@ def test_closed_mode_on_a_full_disk_refuses(tmp_path: Path) -> None:
 def test_a_rotated_away_file_is_reopened(tmp_path: Path) -> None:
     audit_file = tmp_path / "issued.log"
     with start_sidecar(tmp_path, REDITUS_SIDECAR_AUDIT=str(audit_file)) as sidecar:
+        started = [r for r in sidecar.log_records() if r["msg"] == "issuance audit on"]
+        assert [r["detail"] for r in started] == [f"{audit_file}, failing open"]
         assert post_token(sidecar.api_url, {"userId": "u"})[0] == 200
         eventually(lambda: len(records(audit_file)) == 1, what="the first record")
         os.rename(audit_file, tmp_path / "issued.log.1")  # logrotate's default (create) mode
