@@ -1,0 +1,265 @@
+"""Transit mode in process, with a fake Vault session: how a batch answer or an HTTP error
+becomes per-item outcomes or one failed call, the operator's message for each status, the
+call metrics, the probe's changed/unchanged count, and Retry-After from the probe's
+schedule. Clocks are injected by replacing the module's `time` with a fake."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hmac
+import time
+from collections.abc import Callable
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from sidecar.config import Settings, load_settings
+from sidecar.errors import SecretUnavailable
+from sidecar.metrics import Metrics
+from sidecar.refresher import JITTER
+from sidecar.sources import transit
+from sidecar.sources.transit import PROBE_INPUT, TransitMode, transit_error
+from sidecar.sources.vault_client import VaultHTTPError
+from sidecar.state import SecretStore
+
+KEY = b"transit-unit-key"
+Handler = Callable[[list[bytes]], Any]
+
+
+def settings(**env: str) -> Settings:
+    return load_settings(
+        {
+            "VAULT_ADDR": "http://127.0.0.1:1",
+            "VAULT_TOKEN": "unit-token",
+            "REDITUS_SIDECAR_SECRET_SOURCE": "transit",
+            "REDITUS_SIDECAR_TRANSIT_KEY": "reditus",
+            "REDITUS_SIDECAR_PRODUCT_ID": "prod-unit",
+            **env,
+        }
+    )
+
+
+def mac(data: bytes, version: int = 1) -> str:
+    digest = hmac.digest(KEY, data, "sha512")
+    return f"vault:v{version}:{base64.b64encode(digest).decode()}"
+
+
+def signed(version: int = 1) -> Handler:
+    """Vault answering every input with its HMAC under key `version`."""
+    return lambda inputs: {
+        "data": {"batch_results": [{"hmac": mac(data, version)} for data in inputs]}
+    }
+
+
+class FakeSession:
+    """What TransitClient uses of a VaultSession; `handler` answers each POST's inputs."""
+
+    def __init__(self, handler: Handler) -> None:
+        self.handler = handler
+        self.auth = SimpleNamespace(method="token")
+        self.transport = SimpleNamespace(call=self._call)
+        self._state = SimpleNamespace(token=SimpleNamespace(reveal=lambda: "unit-token"))
+
+    async def token(self) -> Any:
+        return self._state
+
+    async def login(self, *, stale: Any = None) -> Any:
+        return self._state
+
+    async def _call(self, fn: Callable[[Any], Any], *, token: str) -> Any:
+        def post(url: str, json: dict[str, Any]) -> Any:
+            return self.handler([base64.b64decode(i["input"]) for i in json["batch_input"]])
+
+        return fn(SimpleNamespace(adapter=SimpleNamespace(post=post)))
+
+
+def make_mode(
+    handler: Handler, metrics: Metrics | None = None, rng: Any = None, **env: str
+) -> TransitMode:
+    return TransitMode(
+        settings(**env),
+        SecretStore(["default"]),
+        metrics,
+        session=FakeSession(handler),  # type: ignore[arg-type]
+        rng=rng,
+    )
+
+
+def http_error(status: int, body: Any, *errors: str) -> VaultHTTPError:
+    return VaultHTTPError(status=status, errors=list(errors), retry_after=None, body=body)
+
+
+def raising(exc: Exception) -> Handler:
+    def handler(inputs: list[bytes]) -> Any:
+        raise exc
+
+    return handler
+
+
+# --- the batch answer ------------------------------------------------------------------
+
+
+async def test_a_400_with_every_item_failed_is_one_error_per_item_not_a_failed_call() -> None:
+    """Vault answers 400 when every item of a batch failed (OpenBao 200), and its body still
+    has the items: each request gets its own error, and the call itself succeeded."""
+    body = {"data": {"batch_results": [{"error": "bad input 1"}, {"error": "bad input 2"}]}}
+    mode = make_mode(raising(http_error(400, body, "bad input 1")))
+    first, second = await mode.client.hmac([b"a", b"b"])
+    assert isinstance(first, SecretUnavailable)
+    assert isinstance(second, SecretUnavailable)
+    assert str(first).endswith("bad input 1")
+    assert str(second).endswith("bad input 2")
+
+
+async def test_a_500_fails_the_whole_call_even_with_batch_results_in_its_body() -> None:
+    """A 500 is Vault failing, not the items: the call fails as a whole (so the breaker
+    opens) even when the body has the same shape as a 400's."""
+    body = {"data": {"batch_results": [{"error": "internal error"}]}}
+    mode = make_mode(raising(http_error(500, body, "internal error")))
+    with pytest.raises(SecretUnavailable, match=r"Vault answered HTTP 500 \(internal error\)"):
+        await mode.client.hmac([b"a"])
+
+
+async def test_a_batch_of_more_than_256_inputs_gets_one_outcome_each() -> None:
+    """The item count is compared by value: a batch beyond CPython's small-int cache (the
+    client takes any size, though TransitMode caps its batches at MAX_BATCH) still matches."""
+    inputs = [f"header.payload-{i}".encode() for i in range(300)]
+    mode = make_mode(signed(version=3))
+    outcomes = await mode.client.hmac(inputs)
+    assert len(outcomes) == 300
+    for data, outcome in zip(inputs, outcomes, strict=True):
+        digest = hmac.digest(KEY, data, "sha512")
+        assert outcome == (base64.urlsafe_b64encode(digest).rstrip(b"="), 3)
+
+
+# --- the operator's message --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("status", [400, 404])
+def test_a_400_or_404_names_the_mount_and_key_settings(status: int) -> None:
+    """Vault answers 404 when the mount has no such path (a wrong TRANSIT_MOUNT) and 400
+    when the key is missing or not of type hmac: both point at the two settings."""
+    exc = http_error(status, None, 'no handler for route "transitx/hmac/reditus/sha2-512"')
+    error = transit_error(exc, settings(REDITUS_SIDECAR_TRANSIT_MOUNT="transitx").transit)  # type: ignore[arg-type]
+    assert isinstance(error, SecretUnavailable)
+    assert f"Vault refused the HMAC (HTTP {status}: no handler for route" in str(error)
+    assert "REDITUS_SIDECAR_TRANSIT_MOUNT ('transitx')" in str(error)
+    assert "REDITUS_SIDECAR_TRANSIT_KEY ('reditus')" in str(error)
+
+
+def test_another_status_says_only_what_vault_answered() -> None:
+    error = transit_error(http_error(502, None, "bad gateway"), settings().transit)  # type: ignore[arg-type]
+    assert str(error) == "vault transit transit/keys/reditus: Vault answered HTTP 502 (bad gateway)"
+
+
+# --- metrics, the probe, Retry-After --------------------------------------------------
+
+
+class FakeTime:
+    """Stands for the `time` module in sidecar.sources.transit: perf_counter and monotonic
+    move only when the test says so."""
+
+    def __init__(self) -> None:
+        self.perf = 1000.0
+        self.mono = 5000.0
+
+    def perf_counter(self) -> float:
+        return self.perf
+
+    def monotonic(self) -> float:
+        return self.mono
+
+    def time(self) -> float:
+        return time.time()
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> FakeTime:
+    fake = FakeTime()
+    monkeypatch.setattr(transit, "time", fake)
+    return fake
+
+
+async def test_the_call_duration_is_the_round_trip(clock: FakeTime) -> None:
+    registry = CollectorRegistry()
+    metrics = Metrics(registry, ["default"], "test")
+    answer = signed()
+
+    def slow(inputs: list[bytes]) -> Any:
+        clock.perf += 0.25  # the round trip to Vault
+        return answer(inputs)
+
+    mode = make_mode(slow, metrics)
+    await mode.signer.sign_remote("u-1", 1_700_000_000)
+    name = "reditus_sidecar_transit_call_duration_seconds"
+    assert registry.get_sample_value(f"{name}_count") == 1
+    assert registry.get_sample_value(f"{name}_sum") == 0.25
+    success = {"result": "success"}
+    assert registry.get_sample_value("reditus_sidecar_transit_calls_total", success) == 1
+
+
+async def test_the_probe_counts_a_new_key_version_as_changed_and_the_same_as_unchanged() -> None:
+    registry = CollectorRegistry()
+    metrics = Metrics(registry, ["default"], "test")
+    version = 1
+    mode = make_mode(lambda inputs: signed(version)(inputs), metrics)
+
+    def probes(result: str) -> float | None:
+        labels = {"product": "default", "result": result}
+        return registry.get_sample_value("reditus_sidecar_secret_refresh_total", labels)
+
+    assert await mode.probe()  # the first answer: changed (from nothing)
+    assert (probes("changed"), probes("unchanged")) == (1, 0)
+    assert await mode.probe()  # the same version again
+    assert (probes("changed"), probes("unchanged")) == (1, 1)
+    version = 2  # an import-version in Vault
+    assert await mode.probe()
+    assert (probes("changed"), probes("unchanged")) == (2, 1)
+    assert registry.get_sample_value("reditus_sidecar_secret_version", {"product": "default"}) == 2
+
+
+class UpperBound:
+    """An rng whose jitter is always the largest allowed."""
+
+    def uniform(self, a: float, b: float) -> float:
+        return b
+
+
+async def test_retry_after_counts_down_to_the_next_probe_and_is_at_least_1(
+    clock: FakeTime,
+) -> None:
+    """Signing that failed is retried at the next probe: the interval times the jitter from
+    the probe's answer; once that moment has passed, 1 (never 0)."""
+    probed = asyncio.Event()
+    answer = signed()
+
+    def handler(inputs: list[bytes]) -> Any:
+        assert inputs == [PROBE_INPUT]
+        probed.set()
+        return answer(inputs)
+
+    mode = make_mode(
+        handler,
+        rng=UpperBound(),
+        REDITUS_SIDECAR_REFRESH_INTERVAL="100",
+        REDITUS_SIDECAR_BACKOFF_MAX="600",
+    )
+    assert mode.retry_after("default") == 1  # no probe yet: due now
+    mode.start()
+    try:
+        await asyncio.wait_for(probed.wait(), timeout=5)
+        expected = round(100 * (1 + JITTER))  # 110
+        for _ in range(100):  # the loop schedules the next probe right after the answer
+            if mode.retry_after("default") != 1:
+                break
+            await asyncio.sleep(0)
+        assert mode.retry_after("default") == expected
+        clock.mono += 100
+        assert mode.retry_after("default") == expected - 100
+        clock.mono += expected - 100 + 0.3  # the probe is overdue
+        assert mode.retry_after("default") == 1
+    finally:
+        await mode.stop()
