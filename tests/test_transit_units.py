@@ -22,7 +22,7 @@ from sidecar.metrics import Metrics
 from sidecar.refresher import JITTER
 from sidecar.sources import transit
 from sidecar.sources.transit import PROBE_INPUT, TransitMode, transit_error
-from sidecar.sources.vault_client import VaultHTTPError
+from sidecar.sources.vault_client import VaultHTTPError, VaultPermissionDenied
 from sidecar.state import SecretStore
 
 KEY = b"transit-unit-key"
@@ -62,15 +62,20 @@ class FakeSession:
         self.auth = SimpleNamespace(method="token")
         self.transport = SimpleNamespace(call=self._call)
         self._state = SimpleNamespace(token=SimpleNamespace(reveal=lambda: "unit-token"))
+        self.logins: list[Any] = []  # the stale state each login replaced
+        self.posts = 0
 
     async def token(self) -> Any:
         return self._state
 
     async def login(self, *, stale: Any = None) -> Any:
+        self.logins.append(stale)
+        self._state = SimpleNamespace(token=SimpleNamespace(reveal=lambda: "unit-token-2"))
         return self._state
 
     async def _call(self, fn: Callable[[Any], Any], *, token: str) -> Any:
         def post(url: str, json: dict[str, Any]) -> Any:
+            self.posts += 1
             return self.handler([base64.b64decode(i["input"]) for i in json["batch_input"]])
 
         return fn(SimpleNamespace(adapter=SimpleNamespace(post=post)))
@@ -92,11 +97,22 @@ def http_error(status: int, body: Any, *errors: str) -> VaultHTTPError:
     return VaultHTTPError(status=status, errors=list(errors), retry_after=None, body=body)
 
 
-def raising(exc: Exception) -> Handler:
+def raising(*answers: Exception | Handler) -> Handler:
+    """Raise (or answer with) each of `answers` in turn, one per POST; the last repeats."""
+    queue = list(answers)
+
     def handler(inputs: list[bytes]) -> Any:
-        raise exc
+        answer = queue.pop(0) if len(queue) > 1 else queue[0]
+        if isinstance(answer, Exception):
+            raise answer
+        return answer(inputs)
 
     return handler
+
+
+def session_of(mode: TransitMode) -> FakeSession:
+    assert isinstance(mode.session, FakeSession)
+    return mode.session
 
 
 # --- the batch answer ------------------------------------------------------------------
@@ -133,6 +149,50 @@ async def test_a_batch_of_more_than_256_inputs_gets_one_outcome_each() -> None:
     for data, outcome in zip(inputs, outcomes, strict=True):
         digest = hmac.digest(KEY, data, "sha512")
         assert outcome == (base64.urlsafe_b64encode(digest).rstrip(b"="), 3)
+
+
+async def test_item_errors_fail_only_their_item_and_vaults_text_is_cut_at_200() -> None:
+    """OpenBao answers 200 with an error in each item it could not MAC."""
+    good = signed()
+
+    def handler(inputs: list[bytes]) -> Any:
+        [ok] = good(inputs[:1])["data"]["batch_results"]
+        return {"data": {"batch_results": [ok, {"error": "e" * 300}, "not a dict"]}}
+
+    mode = make_mode(handler)
+    ok, long, odd = await mode.client.hmac([b"a", b"b", b"c"])
+    assert ok == (base64.urlsafe_b64encode(hmac.digest(KEY, b"a", "sha512")).rstrip(b"="), 1)
+    assert isinstance(long, SecretUnavailable)
+    assert str(long) == "vault transit transit/keys/reditus: " + "e" * 200
+    assert str(odd) == "vault transit transit/keys/reditus: not an object"
+
+
+async def test_a_403_logs_in_again_once_and_retries_with_the_new_token() -> None:
+    mode = make_mode(raising(http_error(403, None, "permission denied"), signed(version=2)))
+    stale = await mode.session.token()
+    [outcome] = await mode.client.hmac([b"a"])
+    assert isinstance(outcome, tuple)
+    assert outcome[1] == 2
+    assert session_of(mode).logins == [stale]
+    assert session_of(mode).posts == 2
+
+
+async def test_a_403_after_logging_in_again_names_the_policy_it_needs() -> None:
+    mode = make_mode(raising(http_error(403, None, "permission denied")))
+    with pytest.raises(VaultPermissionDenied, match=r'"update" on path "transit/hmac/reditus/'):
+        await mode.client.hmac([b"a"])
+    assert len(session_of(mode).logins) == 1
+    assert session_of(mode).posts == 2
+
+
+async def test_an_error_that_is_not_a_403_is_not_retried_with_a_new_login() -> None:
+    """Only a 403 may mean our token went stale: a 400 or 401 is answered as it is."""
+    for status in (400, 401):
+        mode = make_mode(raising(http_error(status, None, "no")))
+        with pytest.raises(SecretUnavailable, match=f"HTTP {status}"):
+            await mode.client.hmac([b"a"])
+        assert session_of(mode).logins == []
+        assert session_of(mode).posts == 1
 
 
 # --- the operator's message --------------------------------------------------------------
