@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import hmac
+import logging
 import time
 from collections.abc import Callable
 from types import SimpleNamespace
@@ -281,15 +282,19 @@ async def test_the_probe_counts_a_new_key_version_as_changed_and_the_same_as_unc
     assert registry.get_sample_value("reditus_sidecar_secret_version", {"product": "default"}) == 2
 
 
-class UpperBound:
-    """An rng whose jitter is always the largest allowed."""
+class Bound:
+    """An rng whose jitter is always the lowest (`upper` False) or highest allowed."""
+
+    def __init__(self, upper: bool) -> None:
+        self.upper = upper
 
     def uniform(self, a: float, b: float) -> float:
-        return b
+        return b if self.upper else a
 
 
+@pytest.mark.parametrize("upper", [False, True])
 async def test_retry_after_counts_down_to_the_next_probe_and_is_at_least_1(
-    clock: FakeTime,
+    clock: FakeTime, upper: bool
 ) -> None:
     """Signing that failed is retried at the next probe: the interval times the jitter from
     the probe's answer; once that moment has passed, 1 (never 0)."""
@@ -303,7 +308,7 @@ async def test_retry_after_counts_down_to_the_next_probe_and_is_at_least_1(
 
     mode = make_mode(
         handler,
-        rng=UpperBound(),
+        rng=Bound(upper),
         REDITUS_SIDECAR_REFRESH_INTERVAL="100",
         REDITUS_SIDECAR_BACKOFF_MAX="600",
     )
@@ -311,15 +316,33 @@ async def test_retry_after_counts_down_to_the_next_probe_and_is_at_least_1(
     mode.start()
     try:
         await asyncio.wait_for(probed.wait(), timeout=5)
-        expected = round(100 * (1 + JITTER))  # 110
+        expected = round(100 * (1 + JITTER if upper else 1 - JITTER))  # 110 or 90
         for _ in range(100):  # the loop schedules the next probe right after the answer
             if mode.retry_after("default") != 1:
                 break
             await asyncio.sleep(0)
         assert mode.retry_after("default") == expected
-        clock.mono += 100
-        assert mode.retry_after("default") == expected - 100
-        clock.mono += expected - 100 + 0.3  # the probe is overdue
+        clock.mono += expected - 10
+        assert mode.retry_after("default") == 10
+        clock.mono += 10.3  # the probe is overdue
         assert mode.retry_after("default") == 1
     finally:
         await mode.stop()
+
+
+async def test_the_first_key_version_is_logged_in_use_and_a_later_one_rotated(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    version = 1
+    mode = make_mode(lambda inputs: signed(version)(inputs))
+    with caplog.at_level(logging.INFO, logger=transit.__name__):
+        await mode.signer.sign_remote("u-1", 1_700_000_000)
+        await mode.signer.sign_remote("u-2", 1_700_000_000)  # the same version: no log
+        version = 2
+        await mode.signer.sign_remote("u-3", 1_700_000_000)
+    keys = [r for r in caplog.records if r.getMessage().startswith("transit key")]
+    assert [(r.getMessage(), r.version, r.previous_version) for r in keys] == [  # type: ignore[attr-defined]
+        ("transit key in use", 1, None),
+        ("transit key rotated", 2, 1),
+    ]
+    assert mode.store.peek("default").version == 2  # type: ignore[union-attr]
