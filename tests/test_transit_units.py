@@ -18,7 +18,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from sidecar.config import Settings, load_settings
-from sidecar.errors import SecretUnavailable
+from sidecar.errors import SecretInvalid, SecretUnavailable
 from sidecar.metrics import Metrics
 from sidecar.refresher import JITTER
 from sidecar.sources import transit
@@ -65,6 +65,10 @@ class FakeSession:
         self._state = SimpleNamespace(token=SimpleNamespace(reveal=lambda: "unit-token"))
         self.logins: list[Any] = []  # the stale state each login replaced
         self.posts = 0
+        self.gate: asyncio.Event | None = None  # when set, each call waits for it
+        self.in_flight = 0
+        self.most_in_flight = 0
+        self.entered = asyncio.Event()  # a call has started
 
     async def token(self) -> Any:
         return self._state
@@ -79,7 +83,15 @@ class FakeSession:
             self.posts += 1
             return self.handler([base64.b64decode(i["input"]) for i in json["batch_input"]])
 
-        return fn(SimpleNamespace(adapter=SimpleNamespace(post=post)))
+        self.in_flight += 1
+        self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        self.entered.set()
+        try:
+            if self.gate is not None:
+                await self.gate.wait()
+            return fn(SimpleNamespace(adapter=SimpleNamespace(post=post)))
+        finally:
+            self.in_flight -= 1
 
 
 def make_mode(
@@ -158,14 +170,60 @@ async def test_item_errors_fail_only_their_item_and_vaults_text_is_cut_at_200() 
 
     def handler(inputs: list[bytes]) -> Any:
         [ok] = good(inputs[:1])["data"]["batch_results"]
-        return {"data": {"batch_results": [ok, {"error": "e" * 300}, "not a dict"]}}
+        results = [ok, {"error": "e" * 300}, "not a dict", {"hmac": "vault:v1:not-base64"}]
+        return {"data": {"batch_results": results}}
 
     mode = make_mode(handler)
-    ok, long, odd = await mode.client.hmac([b"a", b"b", b"c"])
+    ok, long, odd, garbage = await mode.client.hmac([b"a", b"b", b"c", b"d"])
     assert ok == (base64.urlsafe_b64encode(hmac.digest(KEY, b"a", "sha512")).rstrip(b"="), 1)
     assert isinstance(long, SecretUnavailable)
     assert str(long) == "vault transit transit/keys/reditus: " + "e" * 200
     assert str(odd) == "vault transit transit/keys/reditus: not an object"
+    assert isinstance(garbage, SecretInvalid)
+    assert "not an HMAC of the form vault:vN:" in str(garbage)
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        {"data": {"batch_results": [{"hmac": mac(b"a")}]}},  # one result for two inputs
+        {"data": {"batch_results": [{"hmac": mac(b"a")}] * 3}},  # three
+        {"data": {"batch_results": None}},
+        {"data": {}},
+        {"errors": []},
+        ["not", "an", "object"],
+    ],
+)
+async def test_an_answer_without_one_result_per_input_fails_the_call(answer: Any) -> None:
+    mode = make_mode(lambda inputs: answer)
+    with pytest.raises(SecretInvalid, match="the answer has no batch_results for us"):
+        await mode.client.hmac([b"a", b"b"])
+
+
+async def test_a_burst_rides_in_calls_of_64_one_call_at_a_time() -> None:
+    """README "Performance": one call in flight carrying up to MAX_BATCH = 64 inputs."""
+    sizes: list[int] = []
+    answer = signed()
+
+    def handler(inputs: list[bytes]) -> Any:
+        sizes.append(len(inputs))
+        return answer(inputs)
+
+    mode = make_mode(handler)
+    session = session_of(mode)
+    session.gate = asyncio.Event()
+    first = asyncio.ensure_future(mode.signer.sign_remote("u-first", 1_700_000_000))
+    await asyncio.wait_for(session.entered.wait(), timeout=5)  # the first goes alone, at once
+    rest = [
+        asyncio.ensure_future(mode.signer.sign_remote(f"u-{i}", 1_700_000_000)) for i in range(200)
+    ]
+    for _ in range(20):  # nothing else may start while that call is in flight
+        await asyncio.sleep(0)
+    assert session.in_flight == 1
+    session.gate.set()
+    await asyncio.gather(first, *rest)
+    assert sizes == [1, 64, 64, 64, 8]
+    assert session.most_in_flight == 1
 
 
 async def test_a_403_logs_in_again_once_and_retries_with_the_new_token() -> None:
@@ -188,7 +246,7 @@ async def test_a_403_after_logging_in_again_names_the_policy_it_needs() -> None:
 
 async def test_an_error_that_is_not_a_403_is_not_retried_with_a_new_login() -> None:
     """Only a 403 may mean our token went stale: a 400 or 401 is answered as it is."""
-    for status in (400, 401):
+    for status in (400, 401, 500):
         mode = make_mode(raising(http_error(status, None, "no")))
         with pytest.raises(SecretUnavailable, match=f"HTTP {status}"):
             await mode.client.hmac([b"a"])
