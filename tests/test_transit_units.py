@@ -404,3 +404,79 @@ async def test_the_first_key_version_is_logged_in_use_and_a_later_one_rotated(
         ("transit key rotated", 2, 1),
     ]
     assert mode.store.peek("default").version == 2  # type: ignore[union-attr]
+
+
+async def test_an_older_key_version_in_an_answer_does_not_move_the_store_back() -> None:
+    """A Vault node that has not seen the rotation yet may sign with the previous version:
+    the store keeps the newest version it has seen, and nothing is logged as a rotation."""
+    registry = CollectorRegistry()
+    metrics = Metrics(registry, ["default"], "test")
+    version = 2
+    mode = make_mode(lambda inputs: signed(version)(inputs), metrics)
+    await mode.signer.sign_remote("u-1", 1_700_000_000)
+    loaded = registry.get_sample_value(
+        "reditus_sidecar_secret_loaded_timestamp_seconds", {"product": "default"}
+    )
+    version = 1
+    _, used = await mode.signer.sign_remote("u-2", 1_700_000_000)
+    assert used == 1  # that token was signed with version 1, and says so
+    assert mode.store.peek("default").version == 2  # type: ignore[union-attr]
+    assert registry.get_sample_value("reditus_sidecar_secret_version", {"product": "default"}) == 2
+    assert (
+        registry.get_sample_value(
+            "reditus_sidecar_secret_loaded_timestamp_seconds", {"product": "default"}
+        )
+        == loaded
+    )
+
+
+async def test_a_key_version_past_256_is_still_unchanged_when_it_repeats() -> None:
+    """Versions are compared by value (a key rotated daily passes 256 in under a year)."""
+    registry = CollectorRegistry()
+    metrics = Metrics(registry, ["default"], "test")
+    mode = make_mode(signed(version=300), metrics)
+    assert await mode.probe()
+    assert await mode.probe()
+    labels = {"product": "default", "result": "unchanged"}
+    assert registry.get_sample_value("reditus_sidecar_secret_refresh_total", labels) == 1
+    assert mode.store.peek("default").version == 300  # type: ignore[union-attr]
+
+
+async def test_each_answer_confirms_the_store_and_stamps_the_last_success() -> None:
+    registry = CollectorRegistry()
+    metrics = Metrics(registry, ["default"], "test")
+    mode = make_mode(signed(), metrics)
+    name = "reditus_sidecar_secret_last_refresh_success_timestamp_seconds"
+    assert registry.get_sample_value(name, {"product": "default"}) == 0
+    before = time.time()
+    await mode.signer.sign_remote("u-1", 1_700_000_000)
+    stamped = registry.get_sample_value(name, {"product": "default"})
+    assert stamped is not None
+    assert stamped >= before
+    assert mode.store.age("default") < float("inf")
+
+
+async def test_a_failed_probe_is_counted_logged_and_not_ready(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    registry = CollectorRegistry()
+    metrics = Metrics(registry, ["default"], "test")
+    mode = make_mode(raising(http_error(500, None, "sealed")), metrics)
+    with caplog.at_level(logging.WARNING, logger=transit.__name__):
+        assert not await mode.probe()
+    labels = {"product": "default", "result": "error"}
+    assert registry.get_sample_value("reditus_sidecar_secret_refresh_total", labels) == 1
+    [record] = [r for r in caplog.records if r.getMessage() == "transit probe failed"]
+    assert "Vault answered HTTP 500 (sealed)" in record.error  # type: ignore[attr-defined]
+    assert mode.store.peek("default") is None
+
+
+async def test_stop_ends_the_probe_loop() -> None:
+    mode = make_mode(signed(), rng=Bound(upper=True))
+    mode.start()
+    mode.start()  # a second start is a no-op
+    loops = [t for t in asyncio.all_tasks() if t.get_name() == "transit"]
+    assert len(loops) == 1
+    await mode.stop()
+    assert loops[0].done()
+    assert not [t for t in asyncio.all_tasks() if t.get_name() == "transit"]
