@@ -9,6 +9,7 @@ import asyncio
 import base64
 import hmac
 import logging
+import re
 import time
 from collections.abc import Callable
 from types import SimpleNamespace
@@ -22,7 +23,7 @@ from sidecar.errors import SecretInvalid, SecretUnavailable
 from sidecar.metrics import Metrics
 from sidecar.refresher import JITTER
 from sidecar.sources import transit
-from sidecar.sources.transit import PROBE_INPUT, TransitMode, transit_error
+from sidecar.sources.transit import PROBE_INPUT, TransitMode, parse_hmac, transit_error
 from sidecar.sources.vault_client import VaultHTTPError, VaultPermissionDenied
 from sidecar.state import SecretStore
 
@@ -252,6 +253,37 @@ async def test_an_error_that_is_not_a_403_is_not_retried_with_a_new_login() -> N
             await mode.client.hmac([b"a"])
         assert session_of(mode).logins == []
         assert session_of(mode).posts == 1
+
+
+def b64(length: int) -> str:
+    return base64.b64encode(bytes(range(length))).decode()
+
+
+def test_parse_hmac_gives_the_unpadded_base64url_signature_and_the_version() -> None:
+    digest = hmac.digest(KEY, b"x", "sha512")
+    assert parse_hmac(mac(b"x", version=12)) == (
+        base64.urlsafe_b64encode(digest).rstrip(b"="),
+        12,
+    )
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        (None, "not an HMAC of the form vault:vN:"),
+        ("vault:vX:" + b64(64), "not an HMAC of the form vault:vN:"),
+        ("vault:v1:" + b64(64) + "=", "not an HMAC of the form vault:vN:"),
+        ("vault:v1:abcde", "not valid base64"),  # 5 characters cannot be base64
+        ("vault:v1:" + b64(63)[:-1] + "==", "not valid base64"),  # excess padding
+        ("vault:v1:" + b64(32), "is 32 bytes, not 64: is the algorithm sha2-512?"),  # sha2-256
+        ("vault:v1:" + b64(63), "is 63 bytes, not 64"),
+        ("vault:v1:" + b64(65), "is 65 bytes, not 64"),
+        ("vault:v1:" + b64(128), "is 128 bytes, not 64"),
+    ],
+)
+def test_parse_hmac_refuses_what_is_not_a_sha512_hmac(value: object, message: str) -> None:
+    with pytest.raises(SecretInvalid, match=re.escape(message)):
+        parse_hmac(value)
 
 
 # --- the operator's message --------------------------------------------------------------
