@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import hmac
+import itertools
 import logging
 import re
 import time
@@ -512,3 +513,45 @@ async def test_stop_ends_the_probe_loop() -> None:
     await mode.stop()
     assert loops[0].done()
     assert not [t for t in asyncio.all_tasks() if t.get_name() == "transit"]
+
+
+@pytest.mark.looptime
+async def test_a_probe_whose_own_item_failed_is_tried_again_50_ms_later() -> None:
+    """The call went through (the breaker stays closed) but the probe's item failed: the
+    next probe comes 50 ms later (loop time), neither at once (a busy loop) nor seconds
+    later."""
+    loop = asyncio.get_running_loop()
+    times: list[float] = []
+    five = asyncio.Event()
+
+    def handler(inputs: list[bytes]) -> Any:
+        times.append(loop.time())
+        if len(times) == 5:
+            five.set()
+        return {"data": {"batch_results": [{"error": "no"} for _ in inputs]}}
+
+    mode = make_mode(handler)
+    mode.start()
+    try:
+        await asyncio.wait_for(five.wait(), timeout=5)
+    finally:
+        await mode.stop()
+    gaps = [later - earlier for earlier, later in itertools.pairwise(times[:5])]
+    assert gaps == pytest.approx([0.05] * 4)
+
+
+async def test_retry_after_while_the_breaker_is_open_is_the_refusal_window(
+    clock: FakeTime,
+) -> None:
+    """After a failed call the breaker refuses for at least Vault's own Retry-After: that
+    window, not the time to the next probe, is what a refused caller is told."""
+    failed = VaultHTTPError(status=500, errors=["sealed"], retry_after=40.4, body=None)
+    mode = make_mode(
+        raising(failed),
+        rng=Bound(upper=False),
+        REDITUS_SIDECAR_REFRESH_INTERVAL="100",
+        REDITUS_SIDECAR_BACKOFF_MAX="600",
+    )
+    with pytest.raises(SecretUnavailable, match="HTTP 500"):
+        await mode.signer.sign_remote("u-1", 1_700_000_000)
+    assert mode.retry_after("default") == 40  # 40.4 s, less the moments since
