@@ -555,3 +555,18 @@ async def test_retry_after_while_the_breaker_is_open_is_the_refusal_window(
     with pytest.raises(SecretUnavailable, match="HTTP 500"):
         await mode.signer.sign_remote("u-1", 1_700_000_000)
     assert mode.retry_after("default") == 40  # 40.4 s, less the moments since
+
+
+async def test_a_probe_answered_with_a_lower_version_counts_as_changed() -> None:
+    """A key deleted and imported again under the same name starts again at version 1:
+    the probe tells the operator Vault's key changed (even though the store, which never
+    moves back, keeps the higher version)."""
+    registry = CollectorRegistry()
+    metrics = Metrics(registry, ["default"], "test")
+    version = 3
+    mode = make_mode(lambda inputs: signed(version)(inputs), metrics)
+    assert await mode.probe()
+    version = 1
+    assert await mode.probe()
+    labels = {"product": "default", "result": "changed"}
+    assert registry.get_sample_value("reditus_sidecar_secret_refresh_total", labels) == 2
