@@ -22,6 +22,9 @@ import hvac.exceptions
 import pytest
 
 from sidecar.devserver import OpenBaoDevServer, find_bao
+from sidecar.errors import SecretUnavailable
+from sidecar.sources.transit import TransitMode
+from sidecar.state import SecretStore
 from tests.openbao import Bao, unique, vault_sidecar
 from tests.support import (
     base_env,
@@ -234,6 +237,26 @@ def test_check_and_sign_commands_use_transit(bao: Bao, key: str) -> None:
     join_output(proc)
     assert "REDITUS_SIDECAR_TRANSIT_KEY ('missing')" in "\n".join(lines)
     assert "Traceback" not in "\n".join(lines)
+
+
+async def test_a_wrong_mount_is_a_404_that_names_the_mount_setting(bao: Bao, key: str) -> None:
+    """Vault has no route under a mount that does not exist (404, unlike the 400 of a
+    missing key): the error still points at REDITUS_SIDECAR_TRANSIT_MOUNT."""
+    settings = bao.settings(
+        REDITUS_SIDECAR_SECRET_SOURCE="transit",
+        REDITUS_SIDECAR_TRANSIT_MOUNT="transitx",
+        REDITUS_SIDECAR_TRANSIT_KEY=key,
+        REDITUS_SIDECAR_PRODUCT_ID=PRODUCT_ID,
+    )
+    mode = TransitMode(settings, SecretStore(["default"]))
+    try:
+        with pytest.raises(SecretUnavailable) as caught:
+            await mode.client.hmac([b"header.payload"])
+    finally:
+        await mode.stop()
+        await mode.session.close()
+    assert "Vault refused the HMAC (HTTP 404: no handler for route" in str(caught.value)
+    assert "REDITUS_SIDECAR_TRANSIT_MOUNT ('transitx')" in str(caught.value)
 
 
 def ready(sidecar: object) -> int:
