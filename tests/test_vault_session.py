@@ -364,17 +364,26 @@ async def test_a_renewal_that_times_out_at_the_end_is_retried_no_sooner_than_50_
         await session.close()
 
 
-@pytest.mark.looptime
-@pytest.mark.parametrize("status", [400, 403, 404, 412, 451])
-async def test_a_refused_renewal_means_a_new_login_at_once(
-    loop_clock: None, registry: CollectorRegistry, caplog_vault: Any, status: int
-) -> None:
+def first_renewal_answered(
+    status: int, registry: CollectorRegistry
+) -> tuple[VaultSession, FakeTransport, Script, Script]:
+    """An AppRole session (60 s tokens) whose first renewal Vault answers `status` and
+    whose second it grants; logins hand out s.1, then s.2."""
     session, fake = session_of(approle(), registry)
     login = Script(logged_in("s.1"), logged_in("s.2"))
     fake.client.auth.approle.login.side_effect = login
     fake.client.auth.token.lookup_self.side_effect = Script(lookup(60))
     renew = Script(refused(status), renewed(60))
     fake.client.auth.token.renew_self.side_effect = renew
+    return session, fake, login, renew
+
+
+@pytest.mark.looptime
+@pytest.mark.parametrize("status", [400, 403, 404, 412, 451])
+async def test_a_refused_renewal_means_a_new_login_at_once(
+    loop_clock: None, registry: CollectorRegistry, caplog_vault: Any, status: int
+) -> None:
+    session, fake, login, renew = first_renewal_answered(status, registry)
     await session.start()
     try:
         await asyncio.sleep(90)
@@ -393,12 +402,7 @@ async def test_a_refused_renewal_means_a_new_login_at_once(
 async def test_an_unavailable_vault_keeps_the_token_and_retries_the_renewal(
     loop_clock: None, registry: CollectorRegistry, status: int
 ) -> None:
-    session, fake = session_of(approle(), registry)
-    login = Script(logged_in("s.1"), logged_in("s.2"))
-    fake.client.auth.approle.login.side_effect = login
-    fake.client.auth.token.lookup_self.side_effect = Script(lookup(60))
-    renew = Script(refused(status), renewed(60))
-    fake.client.auth.token.renew_self.side_effect = renew
+    session, _fake, login, renew = first_renewal_answered(status, registry)
     await session.start()
     try:
         await asyncio.sleep(42)
