@@ -276,6 +276,26 @@ async def test_a_failed_login_is_not_retried_before_its_backoff_ends(
     assert retry_in == [0.72, 1.43]  # rounded to 10 ms
 
 
+async def test_the_login_backoff_starts_over_after_a_login_succeeds(
+    clock: types.SimpleNamespace, registry: CollectorRegistry, caplog_vault: Any
+) -> None:
+    session, fake = session_of(approle(), registry, rng=Draw(0.4321))
+    fake.client.auth.approle.login.side_effect = Script(
+        refused(503), logged_in("s.1"), refused(503), refused(503)
+    )
+    fake.client.auth.token.lookup_self.side_effect = Script(lookup(60))
+    with pytest.raises(SecretUnavailable):
+        await session.login()
+    clock.now += 1.0
+    state = await session.login()
+    for _ in range(2):  # the token is found bad: two failed logins in a row
+        clock.now += 2.0
+        with pytest.raises(SecretUnavailable):
+            await session.login(stale=state)
+    retry_in = [r.retry_in for r in records(caplog_vault, "Vault login failed")]  # type: ignore[attr-defined]
+    assert retry_in == [0.72, 0.72, 1.43]  # 1 s; after the success 1 s again, then 2 s
+
+
 async def test_vaults_retry_after_stretches_the_login_backoff(
     clock: types.SimpleNamespace, registry: CollectorRegistry, caplog_vault: Any
 ) -> None:
