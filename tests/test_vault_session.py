@@ -340,6 +340,8 @@ async def test_renewal_at_two_thirds_of_the_ttl_and_its_backoff_restarts_after_a
         assert [r.status for r in failed] == [503] * 4  # type: ignore[attr-defined]
         capped = "the Vault token nears its max TTL; logging in again before it expires"
         assert records(caplog_vault, capped) == []  # every renewal granted what was asked
+        (login,) = records(caplog_vault, "logged in to Vault")
+        assert (login.method, login.ttl) == ("token", 60)  # type: ignore[attr-defined]
     finally:
         await session.close()
     assert sample(registry, "reditus_sidecar_vault_token_expiry_timestamp_seconds") == 0
