@@ -471,6 +471,23 @@ async def test_a_token_that_never_expires_is_neither_renewed_nor_replaced(
 
 
 @pytest.mark.looptime
+async def test_a_handed_token_that_cannot_be_renewed_is_left_to_its_ttl(
+    loop_clock: None, registry: CollectorRegistry
+) -> None:
+    """VAULT_TOKEN, not renewable: nothing would help before it expires (no login is
+    possible), so it is used as it is, without lookups along the way."""
+    session, fake = session_of(settings(), registry)
+    fake.client.auth.token.lookup_self.side_effect = Script(lookup(60, renewable=False))
+    await session.start()
+    try:
+        await asyncio.sleep(59)
+        assert fake.client.auth.token.lookup_self.call_count == 1
+        assert fake.client.auth.token.renew_self.call_count == 0
+    finally:
+        await session.close()
+
+
+@pytest.mark.looptime
 async def test_a_token_file_still_holding_a_dying_token_is_reread_once_a_second(
     loop_clock: None, registry: CollectorRegistry, tmp_path: Path
 ) -> None:
@@ -700,6 +717,19 @@ async def test_a_read_answered_503_is_not_a_reason_to_log_in(
         "vault kv/app: Vault is unavailable (HTTP 503: status 503): sealed, in standby or overloaded"
     )
     assert caught.value.retry_after == 4.0
+    assert logins(registry, "approle") == 1
+
+
+@pytest.mark.parametrize("status", [400, 401, 404])
+async def test_a_read_refused_otherwise_than_403_is_not_a_reason_to_log_in(
+    clock: types.SimpleNamespace, registry: CollectorRegistry, status: int
+) -> None:
+    session, fake = session_of(approle(), registry)
+    fake.client.auth.approle.login.side_effect = Script(logged_in("s.1"), logged_in("s.2"))
+    fake.client.auth.token.lookup_self.side_effect = Script(lookup(60))
+    fake.client.secrets.kv.v2.read_secret_version.side_effect = Script(refused(status))
+    with pytest.raises(SourceError, match=f"HTTP {status}"):
+        await session.read_kv("kv", "app")
     assert logins(registry, "approle") == 1
 
 
