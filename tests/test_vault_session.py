@@ -161,6 +161,18 @@ def session_of(
     return session, fake
 
 
+def approle_session(
+    registry: CollectorRegistry, *logins: object, looked_up: dict[str, Any] | None = None
+) -> tuple[VaultSession, FakeTransport, Script]:
+    """An AppRole session whose logins answer `logins` in turn, each token looked up as
+    `looked_up` (60 s and renewable unless given)."""
+    session, fake = session_of(approle(), registry)
+    login = Script(*logins)
+    fake.client.auth.approle.login.side_effect = login
+    fake.client.auth.token.lookup_self.side_effect = Script(looked_up or lookup(60))
+    return session, fake, login
+
+
 def sample(registry: CollectorRegistry, name: str, **labels: str) -> float:
     return registry.get_sample_value(name, labels) or 0.0
 
@@ -299,9 +311,7 @@ async def test_the_login_backoff_starts_over_after_a_login_succeeds(
 async def test_vaults_retry_after_stretches_the_login_backoff(
     clock: types.SimpleNamespace, registry: CollectorRegistry, caplog_vault: Any
 ) -> None:
-    session, fake = session_of(approle(), registry)
-    fake.client.auth.approle.login.side_effect = Script(refused(429, 7.0), logged_in("s.1"))
-    fake.client.auth.token.lookup_self.side_effect = Script(lookup(60))
+    session, fake, _login = approle_session(registry, refused(429, 7.0), logged_in("s.1"))
     with pytest.raises(SecretUnavailable):
         await session.login()
     # the log line names the wait the session will keep: Vault's 7 s, not the backoff step
@@ -352,10 +362,7 @@ async def test_renewal_at_two_thirds_of_the_ttl_and_its_backoff_restarts_after_a
 async def test_renewal_retries_stay_within_half_the_time_left_then_a_new_login(
     loop_clock: None, registry: CollectorRegistry
 ) -> None:
-    session, fake = session_of(approle(), registry)
-    login = Script(logged_in("s.1"), logged_in("s.2"))
-    fake.client.auth.approle.login.side_effect = login
-    fake.client.auth.token.lookup_self.side_effect = Script(lookup(60))
+    session, fake, login = approle_session(registry, logged_in("s.1"), logged_in("s.2"))
     renew = Script(refused(502))
     fake.client.auth.token.renew_self.side_effect = renew
     await session.start()
@@ -373,10 +380,7 @@ async def test_renewal_retries_stay_within_half_the_time_left_then_a_new_login(
 async def test_a_renewal_that_times_out_at_the_end_is_retried_no_sooner_than_50_ms(
     loop_clock: None, registry: CollectorRegistry
 ) -> None:
-    session, fake = session_of(approle(), registry)
-    login = Script(logged_in("s.1"), logged_in("s.2"))
-    fake.client.auth.approle.login.side_effect = login
-    fake.client.auth.token.lookup_self.side_effect = Script(lookup(60))
+    session, fake, login = approle_session(registry, logged_in("s.1"), logged_in("s.2"))
     timeout = VaultTimeout("Vault at http://127.0.0.1:1 did not answer within 10s")
     fake.client.auth.token.renew_self.side_effect = Script(hang(19.96, timeout))
     await session.start()
@@ -393,10 +397,7 @@ def first_renewal_answered(
 ) -> tuple[VaultSession, FakeTransport, Script, Script]:
     """An AppRole session (60 s tokens) whose first renewal Vault answers `status` and
     whose second it grants; logins hand out s.1, then s.2."""
-    session, fake = session_of(approle(), registry)
-    login = Script(logged_in("s.1"), logged_in("s.2"))
-    fake.client.auth.approle.login.side_effect = login
-    fake.client.auth.token.lookup_self.side_effect = Script(lookup(60))
+    session, fake, login = approle_session(registry, logged_in("s.1"), logged_in("s.2"))
     renew = Script(refused(status), renewed(60))
     fake.client.auth.token.renew_self.side_effect = renew
     return session, fake, login, renew
@@ -441,10 +442,13 @@ async def test_an_unavailable_vault_keeps_the_token_and_retries_the_renewal(
 async def test_a_non_renewable_token_is_replaced_at_two_thirds_of_its_ttl(
     loop_clock: None, registry: CollectorRegistry
 ) -> None:
-    session, fake = session_of(approle(), registry)
-    login = Script(logged_in("s.1"), logged_in("s.2"), logged_in("s.3"))
-    fake.client.auth.approle.login.side_effect = login
-    fake.client.auth.token.lookup_self.side_effect = Script(lookup(30, renewable=False))
+    session, fake, login = approle_session(
+        registry,
+        logged_in("s.1"),
+        logged_in("s.2"),
+        logged_in("s.3"),
+        looked_up=lookup(30, renewable=False),
+    )
     await session.start()
     try:
         await asyncio.sleep(50)
@@ -507,10 +511,9 @@ async def test_a_token_file_still_holding_a_dying_token_is_reread_once_a_second(
 async def test_failed_logins_in_the_background_wait_out_the_backoff(
     loop_clock: None, registry: CollectorRegistry
 ) -> None:
-    session, fake = session_of(approle(), registry)
-    login = Script(refused(503), refused(503), refused(503), logged_in("s.1"))
-    fake.client.auth.approle.login.side_effect = login
-    fake.client.auth.token.lookup_self.side_effect = Script(lookup(60))
+    session, _fake, login = approle_session(
+        registry, refused(503), refused(503), refused(503), logged_in("s.1")
+    )
     await session.start()
     try:
         await asyncio.sleep(10)
@@ -526,10 +529,13 @@ async def test_a_background_login_is_retried_no_sooner_than_50_ms(
 ) -> None:
     """A read's failed login at 19.01 holds logins off until 20.01; the loop, due to replace
     the token at 20, is refused at once and tries again 50 ms later, not at 20.01."""
-    session, fake = session_of(approle(), registry)
-    login = Script(logged_in("s.1"), refused(503), logged_in("s.2"))
-    fake.client.auth.approle.login.side_effect = login
-    fake.client.auth.token.lookup_self.side_effect = Script(lookup(30, renewable=False))
+    session, fake, login = approle_session(
+        registry,
+        logged_in("s.1"),
+        refused(503),
+        logged_in("s.2"),
+        looked_up=lookup(30, renewable=False),
+    )
     fake.client.secrets.kv.v2.read_secret_version.side_effect = Script(refused(403))
     await session.start()
     try:
@@ -548,10 +554,7 @@ async def test_a_renewal_finishing_after_a_new_login_keeps_the_new_token(
 ) -> None:
     """A read answered 403 while a renewal is in flight logs in again; the renewal of the
     old token, answered afterwards, must not put the old token back."""
-    session, fake = session_of(approle(), registry)
-    login = Script(logged_in("s.1"), logged_in("s.2"))
-    fake.client.auth.approle.login.side_effect = login
-    fake.client.auth.token.lookup_self.side_effect = Script(lookup(60))
+    session, fake, login = approle_session(registry, logged_in("s.1"), logged_in("s.2"))
     gate = asyncio.Event()
     renew = Script(Later(gate.wait, renewed(60)), renewed(60))
     fake.client.auth.token.renew_self.side_effect = renew
@@ -687,9 +690,7 @@ KV_ANSWER = {"data": {"data": {"product_id": "p"}, "metadata": {"version": 3}}}
 async def test_a_read_answered_403_logs_in_again_once(
     clock: types.SimpleNamespace, registry: CollectorRegistry, caplog_vault: Any
 ) -> None:
-    session, fake = session_of(approle(), registry)
-    fake.client.auth.approle.login.side_effect = Script(logged_in("s.1"), logged_in("s.2"))
-    fake.client.auth.token.lookup_self.side_effect = Script(lookup(60))
+    session, fake, _login = approle_session(registry, logged_in("s.1"), logged_in("s.2"))
     read = Script(refused(403), KV_ANSWER, refused(403), refused(403))
     fake.client.secrets.kv.v2.read_secret_version.side_effect = read
     assert await session.read_kv("kv", "app") == ({"product_id": "p"}, 3)
@@ -707,9 +708,7 @@ async def test_a_read_answered_403_logs_in_again_once(
 async def test_a_read_answered_503_is_not_a_reason_to_log_in(
     clock: types.SimpleNamespace, registry: CollectorRegistry
 ) -> None:
-    session, fake = session_of(approle(), registry)
-    fake.client.auth.approle.login.side_effect = Script(logged_in("s.1"))
-    fake.client.auth.token.lookup_self.side_effect = Script(lookup(60))
+    session, fake, _login = approle_session(registry, logged_in("s.1"))
     fake.client.secrets.kv.v2.read_secret_version.side_effect = Script(refused(503, 4.0))
     with pytest.raises(SecretUnavailable) as caught:
         await session.read_kv("kv", "app")
@@ -724,9 +723,7 @@ async def test_a_read_answered_503_is_not_a_reason_to_log_in(
 async def test_a_read_refused_otherwise_than_403_is_not_a_reason_to_log_in(
     clock: types.SimpleNamespace, registry: CollectorRegistry, status: int
 ) -> None:
-    session, fake = session_of(approle(), registry)
-    fake.client.auth.approle.login.side_effect = Script(logged_in("s.1"), logged_in("s.2"))
-    fake.client.auth.token.lookup_self.side_effect = Script(lookup(60))
+    session, fake, _login = approle_session(registry, logged_in("s.1"), logged_in("s.2"))
     fake.client.secrets.kv.v2.read_secret_version.side_effect = Script(refused(status))
     with pytest.raises(SourceError, match=f"HTTP {status}"):
         await session.read_kv("kv", "app")
