@@ -463,6 +463,25 @@ def test_the_file_is_kept_open_then_reopened_when_moved_or_removed(
     target.close()
 
 
+def test_a_new_file_with_a_lower_inode_than_the_open_one_is_reopened(tmp_path: Path) -> None:
+    """The open file is kept only while the path names that very file: a rotation whose new
+    file got a lower inode number (a reused one) must be followed like any other."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.touch()
+    second.touch()
+    low, high = sorted((first, second), key=lambda p: p.stat().st_ino)
+    path = tmp_path / "a.log"
+    high.rename(path)
+    target = _FileTarget(path)
+    target.write(b"one\n")
+    path.rename(tmp_path / "a.log.1")
+    low.rename(path)
+    target.write(b"two\n")
+    assert (tmp_path / "a.log.1").read_bytes() == b"one\n"
+    assert path.read_bytes() == b"two\n"
+    target.close()
+
+
 def test_a_failed_write_closes_the_file_for_a_fresh_open(tmp_path: Path) -> None:
     target = _FileTarget(Path("/dev/full"))
     with pytest.raises(OSError, match="No space left"):

@@ -244,6 +244,23 @@ async def test_one_item_a_call_two_calls_in_flight() -> None:
     assert await asyncio.gather(*tasks) == ["A", "B", "C"]
 
 
+async def test_an_in_flight_limit_past_256_holds_exactly() -> None:
+    """The count of calls is compared by value: past the small integers CPython shares, an
+    identity test would never see the limit reached."""
+    remote = Remote()
+    coalescer = make(remote, max_batch=1, max_in_flight=300)
+    tasks = [asyncio.ensure_future(coalescer.submit(f"i{n}")) for n in range(301)]
+    await remote.wait_calls(300)
+    await asyncio.sleep(0)
+    assert len(remote.batches) == 300  # the 301st waits for a free slot
+    remote.release(0)
+    await remote.wait_calls(301)
+    assert remote.batches[-1] == ["i300"]
+    for index in range(1, 301):
+        remote.release(index)
+    assert len(await asyncio.gather(*tasks)) == 301
+
+
 @pytest.mark.parametrize(("max_batch", "max_in_flight"), [(0, 1), (1, 0), (-1, 1), (1, -1)])
 def test_a_batch_or_in_flight_limit_below_1_is_refused(max_batch: int, max_in_flight: int) -> None:
     with pytest.raises(ValueError, match="at least 1"):
