@@ -114,9 +114,10 @@ def test_missing_bao_is_a_clear_error(tmp_path, monkeypatch) -> None:
         find_bao()
 
 
-def test_demo_refuses_a_public_signing_listener() -> None:
+@pytest.mark.parametrize("separator", [[], ["--"]], ids=["options", "after --"])
+def test_demo_refuses_a_public_signing_listener(separator: list[str]) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "sidecar", "demo", "--", "--listen", "0.0.0.0:8787"],
+        [sys.executable, "-m", "sidecar", "demo", *separator, "--listen", "0.0.0.0:8787"],
         env=base_env(),
         capture_output=True,
         text=True,

@@ -1,11 +1,14 @@
-"""The text log format, for people: the message, the context keys, then any traceback."""
+"""The log formats: text for people (the message, the context keys, then any traceback),
+and configure() picking the one asked for."""
 
 from __future__ import annotations
 
 import logging
 import sys
 
-from sidecar.logs import TextFormatter
+import pytest
+
+from sidecar.logs import TextFormatter, configure
 
 
 def record(message: str, exc_info: object = None, **context: object) -> logging.LogRecord:
@@ -28,3 +31,23 @@ def test_text_lines_carry_the_listed_context_and_the_traceback() -> None:
     assert first == "warning sidecar.x: failed product=shop"
     assert trace[0] == "Traceback (most recent call last):"
     assert trace[-1] == "RuntimeError: boom"
+
+
+@pytest.mark.parametrize(
+    ("fmt", "line"),
+    [("text", "warning sidecar.x: plain"), ("json", '"msg": "plain"')],
+)
+def test_configure_picks_the_format_asked_for(
+    fmt: str, line: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    try:
+        configure("info", fmt)
+        logging.getLogger("sidecar.x").warning("plain")
+    finally:
+        root.handlers[:], level = saved
+        root.setLevel(level)
+    out = capsys.readouterr().out
+    assert line in out
+    assert out.startswith("{") == (fmt == "json")

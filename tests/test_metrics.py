@@ -79,6 +79,21 @@ def test_latency_buckets_are_the_documented_ones(registry: CollectorRegistry) ->
     ]  # fmt: skip
 
 
+def test_transit_batch_buckets_are_powers_of_two_up_to_the_batch_cap(
+    registry: CollectorRegistry,
+) -> None:
+    """One bucket per doubling, up to 256 (a batch call carries at most 64 inputs, and one of
+    256 or more would show in +Inf)."""
+    Metrics(registry, ["a"], "v")
+    text = generate_latest(registry).decode()
+    les = [
+        line.split('le="')[1].split('"')[0]
+        for line in text.splitlines()
+        if line.startswith("reditus_sidecar_transit_batch_size_bucket")
+    ]
+    assert les == [*(f"{2**n:.1f}" for n in range(9)), "+Inf"]
+
+
 def test_ready_is_computed_at_scrape_time(registry: CollectorRegistry) -> None:
     metrics = Metrics(registry, ["a"], "v")
     state = [False]

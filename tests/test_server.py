@@ -10,14 +10,17 @@ import signal
 import socket
 import stat
 import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
 
 import aiohttp
 import jwt
+import pytest
 
 from tests.support import (
+    ROOT,
     TEST_PRODUCT_ID,
     TEST_SECRET,
     base_env,
@@ -363,11 +366,36 @@ def test_sign_and_check_commands(tmp_path: Path) -> None:
     assert any("control character" in line for line in lines)
 
 
-def test_no_command_is_a_usage_error() -> None:
-    proc, lines = spawn([], base_env())
+def test_without_uvloop_the_commands_run_on_plain_asyncio(tmp_path: Path) -> None:
+    """uvloop comes with the `speed` extra only; an install without it signs all the same."""
+    secret = tmp_path / "s.json"
+    write_secret(secret)
+    env = base_env(REDITUS_SIDECAR_SECRET_SOURCE="file", REDITUS_SIDECAR_SECRET_FILE=str(secret))
+    blocked = (
+        "import sys; sys.modules['uvloop'] = None; from sidecar.__main__ import main; "
+        "sys.exit(main(['sign', '--user-id', 'u-plain']))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", blocked],
+        env=env,
+        cwd=ROOT,  # the sidecar/ of this tree, as spawn() runs it
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert signed_with(result.stdout.strip(), TEST_SECRET)
+
+
+@pytest.mark.parametrize(
+    ("args", "missing"), [([], "COMMAND"), (["sign", "--product", "default"], "--user-id")]
+)
+def test_a_missing_command_or_user_id_is_a_usage_error(args: list[str], missing: str) -> None:
+    proc, lines = spawn(args, base_env())
     assert proc.wait(20) == 2
     join_output(proc)
-    assert "the following arguments are required: COMMAND" in lines[-1]
+    assert f"the following arguments are required: {missing}" in lines[-1]
     assert not any("Traceback" in line for line in lines)
 
 

@@ -321,11 +321,19 @@ def mounted_like_kubernetes(directory: Path, cert: Path, key: Path) -> tuple[Pat
     return directory / "tls.crt", directory / "tls.key"
 
 
-def swap_secret_volume(directory: Path, cert: Path, key: Path) -> None:
-    """The kubelet's atomic update: a new folder, then one rename of the ..data link."""
+def staged_folder(directory: Path) -> Path:
+    """A versioned folder whose files exist (their inode numbers fixed) but are empty."""
     version = directory / f"..{unique('v')}"
     version.mkdir()
-    shutil.copy(cert, version / "tls.crt")
+    for name in ("tls.crt", "tls.key"):
+        (version / name).touch()
+    return version
+
+
+def swap_secret_volume(directory: Path, cert: Path, key: Path, version: Path | None = None) -> None:
+    """The kubelet's atomic update: a new folder, then one rename of the ..data link."""
+    version = version or staged_folder(directory)
+    shutil.copy(cert, version / "tls.crt")  # into the file as it is: its inode stays
     shutil.copy(key, version / "tls.key")
     link = directory / "..data_tmp"
     link.symlink_to(version.name)
@@ -378,6 +386,20 @@ async def test_cert_login_follows_renewed_client_certificates(mtls: MutualTLS, t
         assert mtls.identity(state.token.reveal()) == "sidecar-third"
         expiry = sample(registry, "reditus_sidecar_vault_client_cert_expiry_timestamp_seconds")
         assert expiry > datetime.datetime.now(datetime.UTC).timestamp() + 30 * 60
+
+        # The kubelet deletes old folders, so a renewal's files may reuse lower inode
+        # numbers than the files in use: any change of the files is a renewal.
+        volume = tmp_path / "volume"
+        low, high = sorted(
+            (staged_folder(volume), staged_folder(volume)),
+            key=lambda folder: (folder / "tls.crt").stat().st_ino,
+        )
+        swap_secret_volume(volume, *second, version=high)
+        state = await session.login(stale=state)
+        assert mtls.identity(state.token.reveal()) == "sidecar-second"
+        swap_secret_volume(volume, *third, version=low)
+        state = await session.login(stale=state)
+        assert mtls.identity(state.token.reveal()) == "sidecar-third"
     finally:
         await session.close()
 
