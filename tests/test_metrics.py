@@ -63,16 +63,19 @@ def test_every_fixed_label_value_is_a_zero_from_the_start(registry: CollectorReg
     assert value(registry, "reditus_sidecar_build_info", version="1.2.3") == 1
 
 
+def bucket_bounds(registry: CollectorRegistry, histogram: str, label: str = "") -> list[str]:
+    """The `le` values a scrape shows for one histogram (and one label value, if given)."""
+    Metrics(registry, ["a"], "v")
+    return [
+        line.split('le="')[1].split('"')[0]
+        for line in generate_latest(registry).decode().splitlines()
+        if line.startswith(f"{histogram}_bucket") and label in line
+    ]
+
+
 def test_latency_buckets_are_the_documented_ones(registry: CollectorRegistry) -> None:
     """100 us to 1 s: a token takes microseconds, a slow answer shows in the upper buckets."""
-    Metrics(registry, ["a"], "v")
-    text = generate_latest(registry).decode()
-    les = [
-        line.split('le="')[1].split('"')[0]
-        for line in text.splitlines()
-        if line.startswith("reditus_sidecar_request_duration_seconds_bucket")
-        and 'endpoint="token"' in line
-    ]
+    les = bucket_bounds(registry, "reditus_sidecar_request_duration_seconds", 'endpoint="token"')
     assert les == [
         "0.0001", "0.00025", "0.0005", "0.001", "0.0025", "0.005", "0.01", "0.025", "0.05",
         "0.1", "0.25", "0.5", "1.0", "+Inf",
@@ -84,13 +87,7 @@ def test_transit_batch_buckets_are_powers_of_two_up_to_the_batch_cap(
 ) -> None:
     """One bucket per doubling, up to 256 (a batch call carries at most 64 inputs, and one of
     256 or more would show in +Inf)."""
-    Metrics(registry, ["a"], "v")
-    text = generate_latest(registry).decode()
-    les = [
-        line.split('le="')[1].split('"')[0]
-        for line in text.splitlines()
-        if line.startswith("reditus_sidecar_transit_batch_size_bucket")
-    ]
+    les = bucket_bounds(registry, "reditus_sidecar_transit_batch_size")
     assert les == [*(f"{2**n:.1f}" for n in range(9)), "+Inf"]
 
 
