@@ -13,10 +13,11 @@ test_vault_source.py and test_vault_faults.py.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import types
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 from unittest.mock import MagicMock
@@ -171,6 +172,16 @@ def approle_session(
     fake.client.auth.approle.login.side_effect = login
     fake.client.auth.token.lookup_self.side_effect = Script(looked_up or lookup(60))
     return session, fake, login
+
+
+@contextlib.asynccontextmanager
+async def running(session: VaultSession) -> AsyncIterator[VaultSession]:
+    """The session with its background loop started, closed at the end whatever happens."""
+    await session.start()
+    try:
+        yield session
+    finally:
+        await session.close()
 
 
 def sample(registry: CollectorRegistry, name: str, **labels: str) -> float:
@@ -338,8 +349,7 @@ async def test_renewal_at_two_thirds_of_the_ttl_and_its_backoff_restarts_after_a
     fake.client.auth.token.lookup_self.side_effect = Script(lookup(60))
     renew = Script(refused(503), refused(503), renewed(60), refused(503), refused(503), renewed(60))
     fake.client.auth.token.renew_self.side_effect = renew
-    await session.start()
-    try:
+    async with running(session):
         await asyncio.sleep(100)
         assert renew.at == [40.0, 41.0, 43.0, 83.0, 84.0, 86.0]  # then 126
         assert fake.client.auth.token.lookup_self.call_count == 1  # no login again
@@ -352,8 +362,6 @@ async def test_renewal_at_two_thirds_of_the_ttl_and_its_backoff_restarts_after_a
         assert records(caplog_vault, capped) == []  # every renewal granted what was asked
         (login,) = records(caplog_vault, "logged in to Vault")
         assert (login.method, login.ttl) == ("token", 60)  # type: ignore[attr-defined]
-    finally:
-        await session.close()
     assert sample(registry, "reditus_sidecar_vault_token_expiry_timestamp_seconds") == 0
     assert fake.closed
 
@@ -365,15 +373,12 @@ async def test_renewal_retries_stay_within_half_the_time_left_then_a_new_login(
     session, fake, login = approle_session(registry, logged_in("s.1"), logged_in("s.2"))
     renew = Script(refused(502))
     fake.client.auth.token.renew_self.side_effect = renew
-    await session.start()
-    try:
+    async with running(session):
         await asyncio.sleep(60)
         # backoff 1, 2, 4 s, then half of what is left of the token's 60 s each time
         assert renew.at[:8] == [40.0, 41.0, 43.0, 47.0, 53.5, 56.75, 58.375, 59.1875]
         assert login.at == [0.0, 59.59375]  # under 0.5 s left: replaced
         assert (await session.token()).token.reveal() == "s.2"
-    finally:
-        await session.close()
 
 
 @pytest.mark.looptime
@@ -383,13 +388,10 @@ async def test_a_renewal_that_times_out_at_the_end_is_retried_no_sooner_than_50_
     session, fake, login = approle_session(registry, logged_in("s.1"), logged_in("s.2"))
     timeout = VaultTimeout("Vault at http://127.0.0.1:1 did not answer within 10s")
     fake.client.auth.token.renew_self.side_effect = Script(hang(19.96, timeout))
-    await session.start()
-    try:
+    async with running(session):
         await asyncio.sleep(61)
         assert login.at == [0.0, 60.01]  # 40 + 19.96, then 0.05 s (half the 0.04 s left: less)
         assert renewals(registry, "error") == 1
-    finally:
-        await session.close()
 
 
 def first_renewal_answered(
@@ -409,8 +411,7 @@ async def test_a_refused_renewal_means_a_new_login_at_once(
     loop_clock: None, registry: CollectorRegistry, caplog_vault: Any, status: int
 ) -> None:
     session, fake, login, renew = first_renewal_answered(status, registry)
-    await session.start()
-    try:
+    async with running(session):
         await asyncio.sleep(90)
         assert login.at == [0.0, 40.0]
         assert renew.at == [40.0, 80.0]  # the new token's own renewal
@@ -418,8 +419,6 @@ async def test_a_refused_renewal_means_a_new_login_at_once(
         assert (renewals(registry, "error"), renewals(registry, "success")) == (1, 1)
         (refusal,) = records(caplog_vault, "Vault refused to renew the token; logging in again")
         assert refusal.status == status  # type: ignore[attr-defined]
-    finally:
-        await session.close()
 
 
 @pytest.mark.looptime
@@ -428,14 +427,11 @@ async def test_an_unavailable_vault_keeps_the_token_and_retries_the_renewal(
     loop_clock: None, registry: CollectorRegistry, status: int
 ) -> None:
     session, _fake, login, renew = first_renewal_answered(status, registry)
-    await session.start()
-    try:
+    async with running(session):
         await asyncio.sleep(42)
         assert renew.at == [40.0, 41.0]
         assert login.at == [0.0]
         assert (await session.token()).token.reveal() == "s.1"
-    finally:
-        await session.close()
 
 
 @pytest.mark.looptime
@@ -449,13 +445,10 @@ async def test_a_non_renewable_token_is_replaced_at_two_thirds_of_its_ttl(
         logged_in("s.3"),
         looked_up=lookup(30, renewable=False),
     )
-    await session.start()
-    try:
+    async with running(session):
         await asyncio.sleep(50)
         assert login.at == [0.0, 20.0, 40.0]
         assert fake.client.auth.token.renew_self.call_count == 0
-    finally:
-        await session.close()
 
 
 @pytest.mark.looptime
@@ -464,14 +457,11 @@ async def test_a_token_that_never_expires_is_neither_renewed_nor_replaced(
 ) -> None:
     session, fake = session_of(token_file(tmp_path), registry)  # a new login is possible
     fake.client.auth.token.lookup_self.side_effect = Script(lookup(0, renewable=False))
-    await session.start()
-    try:
+    async with running(session):
         await asyncio.sleep(3600)
         assert fake.client.auth.token.lookup_self.call_count == 1
         assert fake.client.auth.token.renew_self.call_count == 0
         assert sample(registry, "reditus_sidecar_vault_token_expiry_timestamp_seconds") == 0
-    finally:
-        await session.close()
 
 
 @pytest.mark.looptime
@@ -482,13 +472,10 @@ async def test_a_handed_token_that_cannot_be_renewed_is_left_to_its_ttl(
     possible), so it is used as it is, without lookups along the way."""
     session, fake = session_of(settings(), registry)
     fake.client.auth.token.lookup_self.side_effect = Script(lookup(60, renewable=False))
-    await session.start()
-    try:
+    async with running(session):
         await asyncio.sleep(59)
         assert fake.client.auth.token.lookup_self.call_count == 1
         assert fake.client.auth.token.renew_self.call_count == 0
-    finally:
-        await session.close()
 
 
 @pytest.mark.looptime
@@ -498,13 +485,10 @@ async def test_a_token_file_still_holding_a_dying_token_is_reread_once_a_second(
     session, fake = session_of(token_file(tmp_path), registry)
     lookups = Script(lookup(0.4), lookup(0.4), lookup(0.4), lookup(3600))
     fake.client.auth.token.lookup_self.side_effect = lookups
-    await session.start()
-    try:
+    async with running(session):
         await asyncio.sleep(10)
         assert lookups.at == [0.0, 1.0, 2.0, 3.0]
         assert logins(registry, "token") == 4
-    finally:
-        await session.close()
 
 
 @pytest.mark.looptime
@@ -514,13 +498,10 @@ async def test_failed_logins_in_the_background_wait_out_the_backoff(
     session, _fake, login = approle_session(
         registry, refused(503), refused(503), refused(503), logged_in("s.1")
     )
-    await session.start()
-    try:
+    async with running(session):
         await asyncio.sleep(10)
         assert login.at == [0.0, 1.0, 3.0, 7.0]
         assert (logins(registry, "approle", "error"), logins(registry, "approle")) == (3, 1)
-    finally:
-        await session.close()
 
 
 @pytest.mark.looptime
@@ -537,15 +518,12 @@ async def test_a_background_login_is_retried_no_sooner_than_50_ms(
         looked_up=lookup(30, renewable=False),
     )
     fake.client.secrets.kv.v2.read_secret_version.side_effect = Script(refused(403))
-    await session.start()
-    try:
+    async with running(session):
         await asyncio.sleep(19.01)
         with pytest.raises(SecretUnavailable):
             await session.read_kv("kv", "app")  # 403, then the login fails: backoff 1 s
         await asyncio.sleep(2)
         assert login.at == [0.0, 19.01, 20.05]
-    finally:
-        await session.close()
 
 
 @pytest.mark.looptime
@@ -561,8 +539,7 @@ async def test_a_renewal_finishing_after_a_new_login_keeps_the_new_token(
     fake.client.secrets.kv.v2.read_secret_version.side_effect = Script(
         refused(403), {"data": {"data": {"k": "v"}, "metadata": {"version": 2}}}
     )
-    await session.start()
-    try:
+    async with running(session):
         await asyncio.sleep(40.5)  # the renewal of s.1 is in flight since 40
         assert await session.read_kv("secret", "app") == ({"k": "v"}, 2)
         assert login.at == [0.0, 40.5]
@@ -574,8 +551,6 @@ async def test_a_renewal_finishing_after_a_new_login_keeps_the_new_token(
         await asyncio.sleep(40)
         assert renew.at == [40.0, 80.5]  # s.2's own renewal, at 2/3 of its TTL
         assert fake.tokens[-1] == "s.2"
-    finally:
-        await session.close()
 
 
 async def test_start_twice_runs_one_loop(
