@@ -125,6 +125,11 @@ def raising(*answers: Exception | Handler) -> Handler:
     return handler
 
 
+@pytest.fixture
+def metrics(registry: CollectorRegistry) -> Metrics:
+    return Metrics(registry, ["default"], "test")
+
+
 def session_of(mode: TransitMode) -> FakeSession:
     assert isinstance(mode.session, FakeSession)
     return mode.session
@@ -335,9 +340,9 @@ def clock(monkeypatch: pytest.MonkeyPatch) -> FakeTime:
     return fake
 
 
-async def test_the_call_duration_is_the_round_trip(clock: FakeTime) -> None:
-    registry = CollectorRegistry()
-    metrics = Metrics(registry, ["default"], "test")
+async def test_the_call_duration_is_the_round_trip(
+    clock: FakeTime, registry: CollectorRegistry, metrics: Metrics
+) -> None:
     answer = signed()
 
     def slow(inputs: list[bytes]) -> Any:
@@ -353,9 +358,10 @@ async def test_the_call_duration_is_the_round_trip(clock: FakeTime) -> None:
     assert registry.get_sample_value("reditus_sidecar_transit_calls_total", success) == 1
 
 
-async def test_the_probe_counts_a_new_key_version_as_changed_and_the_same_as_unchanged() -> None:
-    registry = CollectorRegistry()
-    metrics = Metrics(registry, ["default"], "test")
+async def test_the_probe_counts_a_new_key_version_as_changed_and_the_same_as_unchanged(
+    registry: CollectorRegistry,
+    metrics: Metrics,
+) -> None:
     version = 1
     mode = make_mode(lambda inputs: signed(version)(inputs), metrics)
 
@@ -439,11 +445,12 @@ async def test_the_first_key_version_is_logged_in_use_and_a_later_one_rotated(
     assert mode.store.peek("default").version == 2  # type: ignore[union-attr]
 
 
-async def test_an_older_key_version_in_an_answer_does_not_move_the_store_back() -> None:
+async def test_an_older_key_version_in_an_answer_does_not_move_the_store_back(
+    registry: CollectorRegistry,
+    metrics: Metrics,
+) -> None:
     """A Vault node that has not seen the rotation yet may sign with the previous version:
     the store keeps the newest version it has seen, and nothing is logged as a rotation."""
-    registry = CollectorRegistry()
-    metrics = Metrics(registry, ["default"], "test")
     version = 2
     mode = make_mode(lambda inputs: signed(version)(inputs), metrics)
     await mode.signer.sign_remote("u-1", 1_700_000_000)
@@ -463,10 +470,11 @@ async def test_an_older_key_version_in_an_answer_does_not_move_the_store_back() 
     )
 
 
-async def test_a_key_version_past_256_is_still_unchanged_when_it_repeats() -> None:
+async def test_a_key_version_past_256_is_still_unchanged_when_it_repeats(
+    registry: CollectorRegistry,
+    metrics: Metrics,
+) -> None:
     """Versions are compared by value (a key rotated daily passes 256 in under a year)."""
-    registry = CollectorRegistry()
-    metrics = Metrics(registry, ["default"], "test")
     mode = make_mode(signed(version=300), metrics)
     assert await mode.probe()
     assert await mode.probe()
@@ -475,9 +483,10 @@ async def test_a_key_version_past_256_is_still_unchanged_when_it_repeats() -> No
     assert mode.store.peek("default").version == 300  # type: ignore[union-attr]
 
 
-async def test_each_answer_confirms_the_store_and_stamps_the_last_success() -> None:
-    registry = CollectorRegistry()
-    metrics = Metrics(registry, ["default"], "test")
+async def test_each_answer_confirms_the_store_and_stamps_the_last_success(
+    registry: CollectorRegistry,
+    metrics: Metrics,
+) -> None:
     mode = make_mode(signed(), metrics)
     name = "reditus_sidecar_secret_last_refresh_success_timestamp_seconds"
     assert registry.get_sample_value(name, {"product": "default"}) == 0
@@ -490,10 +499,8 @@ async def test_each_answer_confirms_the_store_and_stamps_the_last_success() -> N
 
 
 async def test_a_failed_probe_is_counted_logged_and_not_ready(
-    caplog: pytest.LogCaptureFixture,
+    caplog: pytest.LogCaptureFixture, registry: CollectorRegistry, metrics: Metrics
 ) -> None:
-    registry = CollectorRegistry()
-    metrics = Metrics(registry, ["default"], "test")
     mode = make_mode(raising(http_error(500, None, "sealed")), metrics)
     with caplog.at_level(logging.WARNING, logger=transit.__name__):
         assert not await mode.probe()
@@ -557,12 +564,13 @@ async def test_retry_after_while_the_breaker_is_open_is_the_refusal_window(
     assert mode.retry_after("default") == 40  # 40.4 s, less the moments since
 
 
-async def test_a_probe_answered_with_a_lower_version_counts_as_changed() -> None:
+async def test_a_probe_answered_with_a_lower_version_counts_as_changed(
+    registry: CollectorRegistry,
+    metrics: Metrics,
+) -> None:
     """A key deleted and imported again under the same name starts again at version 1:
     the probe tells the operator Vault's key changed (even though the store, which never
     moves back, keeps the higher version)."""
-    registry = CollectorRegistry()
-    metrics = Metrics(registry, ["default"], "test")
     version = 3
     mode = make_mode(lambda inputs: signed(version)(inputs), metrics)
     assert await mode.probe()
