@@ -8,7 +8,8 @@ caller whose uid is listed OR whose gid is listed, like a file's owner and group
 A TCP peer on loopback is in the same network namespace (a pod's), so the kernel's
 socket table knows it too: a NETLINK_SOCK_DIAG (inet_diag) lookup of the peer's 4-tuple
 gives the uid that owns the peer's socket (no gid, no pid). A peer that cannot be looked
-up (netlink refused, socket already gone) is unidentified, and refused by any list.
+up (netlink refused, socket already gone or closed by its process) is unidentified, and
+refused by any list.
 """
 
 from __future__ import annotations
@@ -67,6 +68,7 @@ _DIAG_ID_TAIL = struct.Struct("=III")  # interface, cookie (none: all ones)
 _LOOPBACK_INDEX = 1
 _DIAG_STATE_OFFSET = 1  # in inet_diag_msg
 _DIAG_UID_OFFSET = 64
+_DIAG_INODE_OFFSET = 68
 # Full sockets only: a TIME_WAIT or SYN_RECV entry is not owned by anyone and reads uid 0.
 # ESTABLISHED, FIN_WAIT1, FIN_WAIT2, CLOSE_WAIT, LAST_ACK, CLOSING
 _OWNED_STATES = frozenset({1, 4, 5, 8, 9, 11})
@@ -117,11 +119,15 @@ class TcpPeers:
         except (OSError, ValueError, IndexError, struct.error):
             self.close()  # a fresh netlink socket next time
             return None
-        if kind == _NLMSG_ERROR or len(data) < _NLMSG.size + _DIAG_UID_OFFSET + 4:
+        if kind == _NLMSG_ERROR or len(data) < _NLMSG.size + _DIAG_INODE_OFFSET + 4:
             return None
         if data[_NLMSG.size + _DIAG_STATE_OFFSET] not in _OWNED_STATES:
             return None
-        return int(struct.unpack_from("=I", data, _NLMSG.size + _DIAG_UID_OFFSET)[0])
+        uid, inode = struct.unpack_from("=II", data, _NLMSG.size + _DIAG_UID_OFFSET)
+        # Inode 0: no process holds the socket any more. A peer that closed right after
+        # sending leaves an orphan (FIN_WAIT1, or FIN_WAIT2 kept as a timewait entry that
+        # reads uid 0): whoever made it is gone from the table, so it is nobody's.
+        return None if inode == 0 else int(uid)
 
     def close(self) -> None:
         if self._netlink is not None:

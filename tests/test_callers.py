@@ -220,8 +220,9 @@ def test_serve_exits_2_on_a_bad_id(file_env: dict[str, str]) -> None:
     ]
 
 
-# A peer as another uid, driven line by line: "shut" (shutdown its sending side), "fill" (send
-# until its buffer is full: this test never reads, so its FIN then waits behind the data).
+# A peer as another uid, driven line by line: "shut" (shutdown its sending side), "close"
+# (close its socket: the kernel keeps an orphan nobody owns), "fill" (send until its buffer
+# is full: this test never reads, so its FIN then waits behind the data).
 _PEER = """
 import socket, sys
 s = socket.socket()
@@ -231,6 +232,8 @@ s.connect(("127.0.0.1", int(sys.argv[1])))
 for line in sys.stdin:
     if line == "shut\\n":
         s.shutdown(socket.SHUT_WR)
+    elif line == "close\\n":
+        s.close()
     else:
         s.setblocking(False)
         try:
@@ -309,6 +312,21 @@ def test_tcp_peer_shutting_down_still_owns_its_socket(steps: list[str], state: i
                 act(step)
         _wait_for_peer_state(conn, state)
         assert peers.uid(conn) == 4101
+    peers.close()
+
+
+@pytest.mark.parametrize("steps", [["close"], ["fill", "close"]])
+def test_tcp_peer_that_closed_its_socket_is_unidentified(steps: list[str]) -> None:
+    """A peer that sent its request and closed at once leaves an orphan in FIN_WAIT (the
+    process still runs, the socket is nobody's): the kernel reports uid 0 with inode 0 for it,
+    which must not pass for root."""
+    peers = TcpPeers()
+    with _peer_as_4101() as (conn, act):
+        for step in steps:
+            act(step)
+        _wait_for_peer_state(conn, 5 if steps == ["close"] else 4)
+        assert peers.uid(conn) is None
+        assert peers.uid(conn) is None  # and the lookup after it too
     peers.close()
 
 
