@@ -417,7 +417,7 @@ class TokenHandler:
             caller=caller_of(request) or self._unidentified,
             user_id=user_id,
         )
-        if pending is not None and not await pending:
+        if pending is not None and not await self.audit.recorded(pending):
             raise ApiError(
                 503,
                 "audit_unavailable",

@@ -10,18 +10,26 @@ Failing open (the default), a record that cannot be written or queued is counted
 at a bounded rate and lost, and signing goes on. Failing closed, a token is released only
 once its record is written, and a request whose record cannot be written gets 503, as
 Vault refuses requests no audit device can record.
+
+The target is whatever the path names when the writer opens it, so it is opened as an
+attacker with write access to its directory would least like: the last component must be a
+regular file, never a symlink (O_NOFOLLOW), FIFO or device, and opening never blocks
+(O_NONBLOCK). A write that fails half-way (disk full) is cut back to the last whole record,
+so the next record never glues onto a truncated line.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import hashlib
 import hmac
 import json
 import logging
 import os
 import queue
+import stat
 import time
 from pathlib import Path
 from typing import NamedTuple
@@ -40,7 +48,12 @@ BATCH = 256  # records written in one write() call at most
 ERROR_LOG_INTERVAL = 10.0  # at most one "cannot write" line this often
 KEY_CHECK_INTERVAL = 1.0  # the key file is checked for a new key at most this often
 MIN_KEY_BYTES = 32
+MAX_KEY_BYTES = 4096  # a key file larger than this is a mistake (or an attack), not a key
 CLOSE_TIMEOUT = 2.0  # at shutdown, how long queued records get to reach the target
+#: failing closed, how long a request waits for its record before it is answered 503
+RECORD_TIMEOUT = 2.0
+#: a write taking longer than this means the target is stuck (a hung mount, a full pipe)
+STUCK_AFTER = 5.0
 FILE_MODE = 0o600
 
 
@@ -60,18 +73,36 @@ class Entry(NamedTuple):
 
 
 def read_key(path: Path) -> bytes:
-    """The audit key: the file's bytes without a trailing newline, at least 32 of them."""
+    """The audit key: the file's bytes without a trailing newline, 32 to 4096 of them. The
+    file must be a regular one (symlinks are followed: a mounted Secret is one); a FIFO would
+    block the reader, a huge file would be hashed again for every record."""
+    where = f"REDITUS_SIDECAR_AUDIT_KEY_FILE: {path}"
+    unreadable = "REDITUS_SIDECAR_AUDIT_KEY_FILE: cannot read {}: {}"
     try:
-        key = path.read_bytes().rstrip(b"\r\n")
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as exc:
-        raise ConfigError(
-            f"REDITUS_SIDECAR_AUDIT_KEY_FILE: cannot read {path}: {exc.strerror}"
-        ) from None
+        raise ConfigError(unreadable.format(path, exc.strerror)) from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise ConfigError(f"{where}: is not a regular file")
+        if info.st_size > MAX_KEY_BYTES + 2:  # a key and its line end
+            raise ConfigError(
+                f"{where}: is {info.st_size} bytes; a key is {MIN_KEY_BYTES} to "
+                f"{MAX_KEY_BYTES} bytes"
+            )
+        key = os.read(fd, MAX_KEY_BYTES + 3).rstrip(b"\r\n")
+    except OSError as exc:
+        raise ConfigError(unreadable.format(path, exc.strerror)) from None
+    finally:
+        os.close(fd)
     if len(key) < MIN_KEY_BYTES:
         raise ConfigError(
             f"REDITUS_SIDECAR_AUDIT_KEY_FILE: the key in {path} is {len(key)} bytes; "
             f"at least {MIN_KEY_BYTES} are needed (e.g. head -c 32 /dev/urandom | base64)"
         )
+    if len(key) > MAX_KEY_BYTES:
+        raise ConfigError(f"{where}: the key is {len(key)} bytes; at most {MAX_KEY_BYTES}")
     return key
 
 
@@ -87,6 +118,7 @@ class _UserHasher:
         self.path = path
         self._stamp = self._file_stamp()
         self._key = read_key(path)
+        self._mac = hmac.new(self._key, digestmod=hashlib.sha256)  # the key hashed once
         self.key_id = key_id(self._key)
         self._checked = time.monotonic()
 
@@ -113,45 +145,78 @@ class _UserHasher:
             return
         if key != self._key:
             self._key, self.key_id = key, key_id(key)
+            self._mac = hmac.new(key, digestmod=hashlib.sha256)
             log.info("audit key reloaded", extra={"detail": f"key id {self.key_id}"})
 
     def digest(self, user_id: str) -> str:
         self._maybe_reload()
-        data = user_id.encode("utf-8", "surrogatepass")
-        return hmac.new(self._key, data, hashlib.sha256).hexdigest()
+        mac = self._mac.copy()
+        mac.update(user_id.encode("utf-8", "surrogatepass"))
+        return mac.hexdigest()
+
+
+class WriteFailed(Exception):
+    """A batch failed after `written` whole records reached the target."""
+
+    def __init__(self, written: int, error: str) -> None:
+        super().__init__(error)
+        self.written = written
+        self.error = error
 
 
 class _FileTarget:
-    """An append-only file, reopened when it was moved or removed (logrotate's create
-    mode) and after a failed write; copytruncate works as is with O_APPEND."""
+    """An append-only regular file, reopened when it was moved or removed (logrotate's
+    create mode) and after a failed write."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self._fd: int | None = None
+        self._torn = False  # a partial line could not be cut back: start on a new line
 
     def _current(self) -> int:
         if self._fd is not None:
             try:
-                st = os.stat(self.path)
+                st = os.lstat(self.path)
                 own = os.fstat(self._fd)
             except FileNotFoundError:
                 st = None
             if st is not None and (st.st_dev, st.st_ino) == (own.st_dev, own.st_ino):
                 return self._fd
             self.close()
-        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
-        self._fd = os.open(self.path, flags, FILE_MODE)
+        self._fd = open_regular_file(self.path)
         return self._fd
 
-    def write(self, data: bytes) -> None:
+    def write(self, lines: list[bytes]) -> None:
         fd = self._current()
+        data = b"".join(lines)
+        if self._torn:
+            data = b"\n" + data
+        done = 0
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-        except OSError:
+            while done < len(data):
+                done += os.write(fd, memoryview(data)[done:])
+        except OSError as exc:
+            whole = self._cut_back(fd, lines, done - self._torn)
             self.close()  # the next batch opens the file afresh
-            raise
+            raise WriteFailed(whole, exc.strerror or type(exc).__name__) from None
+        self._torn = False
+
+    def _cut_back(self, fd: int, lines: list[bytes], done: int) -> int:
+        """After a short write of `done` bytes: truncate the partial record away, return
+        how many whole records stay."""
+        whole, end = 0, 0
+        for line in lines:
+            if end + len(line) > done:
+                break
+            whole, end = whole + 1, end + len(line)
+        partial = done - end
+        if partial > 0:
+            try:
+                os.ftruncate(fd, os.fstat(fd).st_size - partial)
+                self._torn = False
+            except OSError:
+                self._torn = True
+        return whole
 
     def close(self) -> None:
         if self._fd is not None:
@@ -160,9 +225,28 @@ class _FileTarget:
             self._fd = None
 
 
+def open_regular_file(path: Path) -> int:
+    """Open `path` to append, creating it (0600), from its directory: never through a
+    symlink as its last component, never blocking (a FIFO with no reader fails at once),
+    and only if it is a regular file."""
+    directory = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
+        fd = os.open(path.name, flags | os.O_NONBLOCK, FILE_MODE, dir_fd=directory)
+    finally:
+        os.close(directory)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(errno.EINVAL, "not a regular file")
+    return fd
+
+
 class _StdoutTarget:
-    def write(self, data: bytes) -> None:
-        logs.write_stdout(data.decode("utf-8"))
+    def write(self, lines: list[bytes]) -> None:
+        try:
+            logs.write_stdout(b"".join(lines).decode("utf-8"))
+        except OSError as exc:
+            raise WriteFailed(0, exc.strerror or type(exc).__name__) from None
 
     def close(self) -> None:
         pass
@@ -182,8 +266,11 @@ class AuditLog:
         self._written = metrics.audit_records
         self._write_errors = metrics.audit_errors.labels(reason="write")
         self._dropped = metrics.audit_errors.labels(reason="queue_full")
+        self._lost_at_exit = metrics.audit_errors.labels(reason="exit")
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: asyncio.Future[None] | None = None
+        self._writing_since: float | None = None  # monotonic start of the write under way
+        self._writing = 0  # records in it
         self._failing = False
         self._unreported = 0
         self._last_report = -ERROR_LOG_INTERVAL
@@ -226,13 +313,36 @@ class AuditLog:
         )
         return done
 
+    async def recorded(self, pending: asyncio.Future[bool]) -> bool:
+        """Failing closed: whether the record got written, waiting RECORD_TIMEOUT at most (a
+        target that hangs must not hang the request)."""
+        try:
+            return await asyncio.wait_for(asyncio.shield(pending), RECORD_TIMEOUT)
+        except TimeoutError:
+            return False
+
+    @property
+    def stuck(self) -> bool:
+        """A write has been under way for STUCK_AFTER or longer."""
+        since = self._writing_since
+        return since is not None and time.monotonic() - since >= STUCK_AFTER
+
     async def close(self) -> None:
-        """Write what is queued (bounded by CLOSE_TIMEOUT), then stop the thread."""
+        """Write what is queued (bounded by CLOSE_TIMEOUT), then stop the thread; what did
+        not make it is counted and logged as lost."""
         if self._thread is None:
             return
         self._queue.put(None)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(asyncio.shield(self._thread), CLOSE_TIMEOUT)
+        if not self._thread.done():
+            lost = max(0, self._queue.qsize() - 1) + self._writing  # less the stop marker
+            if lost:
+                self._lost_at_exit.inc(lost)
+                log.error(
+                    "audit records lost at exit: the target did not take them in time",
+                    extra={"count": lost, "detail": self.target_name},
+                )
         self._thread = None
 
     def _run(self) -> None:
@@ -260,27 +370,38 @@ class AuditLog:
             self._target.close()
 
     def _write(self, batch: list[Entry]) -> None:
+        written, error = 0, ""
         try:
-            data = "".join(self._line(entry) for entry in batch).encode("utf-8")
-            self._target.write(data)
-        except OSError as exc:
-            self._write_errors.inc(len(batch))
-            self._report_failure(len(batch), exc.strerror or type(exc).__name__)
-            ok = False
+            lines = [self._line(entry).encode("utf-8") for entry in batch]
         except Exception:  # a bug of ours: the thread must live, no request may wait forever
             log.exception("audit records could not be formatted")
-            self._write_errors.inc(len(batch))
-            ok = False
-        else:
-            self._written.inc(len(batch))
-            if self._failing:
-                self._failing = False
-                log.info("audit records are written again")
-            ok = True
-        waiting = [entry.done for entry in batch if entry.done is not None]
-        if waiting and self._loop is not None:
-            with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits
-                self._loop.call_soon_threadsafe(_settle, waiting, ok)
+            lines = []
+            error = "format"
+        if lines:
+            self._writing, self._writing_since = len(lines), time.monotonic()
+            try:
+                self._target.write(lines)
+                written = len(lines)
+            except WriteFailed as exc:
+                written, error = exc.written, exc.error
+            except OSError as exc:  # opening it failed
+                error = exc.strerror or type(exc).__name__
+            finally:
+                self._writing, self._writing_since = 0, None
+        if written:
+            self._written.inc(written)
+        if written < len(batch):
+            self._write_errors.inc(len(batch) - written)
+            if lines:
+                self._report_failure(len(batch) - written, error)
+        elif self._failing:
+            self._failing = False
+            log.info("audit records are written again")
+        for ok, part in ((True, batch[:written]), (False, batch[written:])):
+            waiting = [entry.done for entry in part if entry.done is not None]
+            if waiting and self._loop is not None:
+                with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits
+                    self._loop.call_soon_threadsafe(_settle, waiting, ok)
 
     def _report_failure(self, count: int, error: str) -> None:
         self._failing = True

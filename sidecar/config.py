@@ -467,8 +467,12 @@ def _audit_settings(values: _Values) -> AuditSettings | None:
         path = Path(target)
         if not path.is_absolute():
             raise ConfigError(f"{where}={raw!r}: expected off, stdout or an absolute file path")
+        if path.is_symlink():
+            raise ConfigError(f"{where}={raw!r}: is a symbolic link; name the file itself")
         if path.is_dir():
             raise ConfigError(f"{where}={raw!r}: is a directory; name a file in it")
+        if path.exists() and not path.is_file():
+            raise ConfigError(f"{where}={raw!r}: is not a regular file (a FIFO, socket or device)")
         if not path.parent.is_dir():
             raise ConfigError(f"{where}={raw!r}: directory {path.parent} does not exist")
     fail = _choice(*values.get("AUDIT_FAIL"), ("open", "closed"))

@@ -34,8 +34,9 @@ LISTENERS = ("signing", "signing_unix", "ops")
 REFRESH_RESULTS = ("changed", "unchanged", "error")
 LOGIN_METHODS = ("token", "approle", "kubernetes", "jwt", "cert")
 RESULTS = ("success", "error")
-#: `reason` values of reditus_sidecar_audit_errors_total: records lost
-AUDIT_ERRORS = ("write", "queue_full")
+#: `reason` values of reditus_sidecar_audit_errors_total: records lost (`exit`: still queued
+#: when the process stopped and the target did not take them in time)
+AUDIT_ERRORS = ("write", "queue_full", "exit")
 
 # Signing on loopback takes tens of microseconds; the low buckets resolve that.
 LATENCY_BUCKETS = (

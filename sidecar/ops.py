@@ -72,9 +72,15 @@ def _readiness(store: SecretStore) -> tuple[bool, dict[str, object]]:
 
 
 def create_ops_app(
-    store: SecretStore, registry: CollectorRegistry, *, cache: MetricsCache | None = None
+    store: SecretStore,
+    registry: CollectorRegistry,
+    *,
+    cache: MetricsCache | None = None,
+    audit_stuck: Callable[[], bool] = lambda: False,
 ) -> web.Application:
-    """Metrics and probes; product ids and versions only, never a secret."""
+    """Metrics and probes; product ids and versions only, never a secret. `audit_stuck`
+    says signing cannot release tokens whatever the secrets (an audit failing closed whose
+    target hangs)."""
     metrics_cache = cache or MetricsCache(registry)
 
     async def metrics(_request: web.Request) -> web.Response:
@@ -88,6 +94,8 @@ def create_ops_app(
 
     async def readyz(_request: web.Request) -> web.Response:
         ready, body = _readiness(store)
+        if audit_stuck():
+            ready, body["status"], body["audit"] = False, "not_ready", "stuck"
         if store.shutting_down:
             body["status"] = "shutting_down"
         return web.json_response(body, status=200 if ready else 503)

@@ -168,7 +168,13 @@ async def serve(settings: Settings, *, stop: asyncio.Event | None = None) -> int
         runners[name] = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_GRACE)
     metrics.requests_in_flight.set_function(lambda: sum(h.in_flight for h in handlers))
     ops_runner = web.AppRunner(
-        create_ops_app(store, registry), access_log=None, shutdown_timeout=1.0
+        create_ops_app(
+            store,
+            registry,
+            audit_stuck=lambda: audit is not None and audit.fail_closed and audit.stuck,
+        ),
+        access_log=None,
+        shutdown_timeout=1.0,
     )
     for runner in [*runners.values(), ops_runner]:
         await runner.setup()

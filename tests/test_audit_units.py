@@ -58,12 +58,12 @@ class FakeTarget:
         self.error = error
         self.closed = False
 
-    def write(self, data: bytes) -> None:
+    def write(self, lines: list[bytes]) -> None:
         self.entered.set()
         assert self.release.wait(30)
         if self.error is not None:
             raise self.error
-        self.writes.append(data)
+        self.writes.append(b"".join(lines))
 
     def close(self) -> None:
         self.closed = True
@@ -130,6 +130,43 @@ def test_a_key_of_31_bytes_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         read_key(path)
     assert f"the key in {path} is 31 bytes; at least 32 are needed" in str(info.value)
+
+
+def test_a_fifo_key_file_is_refused_without_blocking(tmp_path: Path) -> None:
+    """Opening a FIFO to read waits for a writer: the key reader must not (it runs at start
+    and in the writer thread)."""
+    path = tmp_path / "key"
+    os.mkfifo(path)
+    with pytest.raises(ConfigError) as info:
+        read_key(path)
+    assert str(info.value) == f"REDITUS_SIDECAR_AUDIT_KEY_FILE: {path}: is not a regular file"
+
+
+def test_a_key_file_over_4_kib_and_its_line_end_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "key"
+    path.write_bytes(b"k" * 4096 + b"\r\n")
+    assert read_key(path) == b"k" * 4096
+    path.write_bytes(b"k" * 4096 + b"\r\n\n")
+    with pytest.raises(ConfigError) as info:
+        read_key(path)
+    assert str(info.value) == (
+        f"REDITUS_SIDECAR_AUDIT_KEY_FILE: {path}: is 4099 bytes; a key is 32 to 4096 bytes"
+    )
+
+
+def test_a_sparse_gigabyte_key_file_is_refused_unread(tmp_path: Path) -> None:
+    path = tmp_path / "key"
+    with path.open("wb") as sparse:
+        sparse.truncate(2**30)
+    with pytest.raises(ConfigError, match="is 1073741824 bytes"):
+        read_key(path)
+
+
+def test_a_key_of_4097_bytes_without_a_line_end_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "key"
+    path.write_bytes(b"k" * 4097)
+    with pytest.raises(ConfigError, match="the key is 4097 bytes; at most 4096"):
+        read_key(path)
 
 
 def test_a_missing_key_file_is_a_config_error(tmp_path: Path) -> None:
@@ -345,16 +382,22 @@ async def test_close_before_start_and_twice_returns(tmp_path: Path) -> None:
 
 
 async def test_close_gives_up_on_a_hung_target_after_its_timeout(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     monkeypatch.setattr(audit_module, "CLOSE_TIMEOUT", 0.05)
     target = FakeTarget(hold=True)
-    audit, _registry = make_audit(tmp_path, target=target)
+    audit, registry = make_audit(tmp_path, target=target)
     audit.start()
     audit.submit(**RECORD)
     assert await asyncio.to_thread(target.entered.wait, 10)
+    audit.submit(**RECORD)
+    audit.submit(**RECORD)
     await audit.close()  # returns although the writer is stuck
     assert not target.closed
+    assert errors(registry, "exit") == 3  # the one being written and the two behind it
+    assert [r.count for r in caplog.records if r.getMessage().startswith("audit records lost")] == [
+        3
+    ]  # type: ignore[attr-defined]
     target.release.set()
 
 
@@ -435,19 +478,20 @@ def test_the_file_is_kept_open_then_reopened_when_moved_or_removed(
     opens: list[str] = []
     real_open = os.open
 
-    def counting_open(name: Any, *args: Any) -> int:
-        opens.append(str(name))
-        return real_open(name, *args)
+    def counting_open(name: Any, *args: Any, **kwargs: Any) -> int:
+        if "dir_fd" in kwargs:  # the file, opened from its directory
+            opens.append(str(name))
+        return real_open(name, *args, **kwargs)
 
     monkeypatch.setattr(os, "open", counting_open)
     target = _FileTarget(path)
-    target.write(b"one\n")
-    target.write(b"two\n")
-    assert opens == [str(path)]  # kept open while it is the same file
+    target.write([b"one\n"])
+    target.write([b"two\n"])
+    assert opens == [path.name]  # kept open while it is the same file
     path.rename(tmp_path / "a.log.1")
-    target.write(b"three\n")
+    target.write([b"three\n"])
     path.unlink()
-    target.write(b"four\n")
+    target.write([b"four\n"])
     assert len(opens) == 3
     assert (tmp_path / "a.log.1").read_bytes() == b"one\ntwo\n"
     assert path.read_bytes() == b"four\n"
@@ -455,7 +499,7 @@ def test_the_file_is_kept_open_then_reopened_when_moved_or_removed(
     assert open_on(path) == 1
     path.rename(tmp_path / "a.log.2")  # logrotate's create mode: moved, a new file made
     path.touch()
-    target.write(b"five\n")
+    target.write([b"five\n"])
     assert (tmp_path / "a.log.2").read_bytes() == b"four\n"
     assert path.read_bytes() == b"five\n"
     target.close()
@@ -473,19 +517,19 @@ def test_a_new_file_with_a_lower_inode_than_the_open_one_is_reopened(tmp_path: P
     path = tmp_path / "a.log"
     high.rename(path)
     target = _FileTarget(path)
-    target.write(b"one\n")
+    target.write([b"one\n"])
     path.rename(tmp_path / "a.log.1")
     low.rename(path)
-    target.write(b"two\n")
+    target.write([b"two\n"])
     assert (tmp_path / "a.log.1").read_bytes() == b"one\n"
     assert path.read_bytes() == b"two\n"
     target.close()
 
 
-def test_a_failed_write_closes_the_file_for_a_fresh_open(tmp_path: Path) -> None:
+def test_a_device_is_refused_and_not_left_open() -> None:
     target = _FileTarget(Path("/dev/full"))
-    with pytest.raises(OSError, match="No space left"):
-        target.write(b"x\n")
+    with pytest.raises(OSError, match="not a regular file"):
+        target.write([b"x\n"])
     assert open_on(Path("/dev/full")) == 0
 
 
@@ -494,7 +538,7 @@ def test_a_failing_close_still_forgets_the_descriptor(
 ) -> None:
     path = tmp_path / "a.log"
     target = _FileTarget(path)
-    target.write(b"one\n")
+    target.write([b"one\n"])
     real_close = os.close
     closed: list[int] = []
 
@@ -507,7 +551,7 @@ def test_a_failing_close_still_forgets_the_descriptor(
     target.close()  # an error closing is not one writing: nothing to raise
     assert len(closed) == 1
     monkeypatch.undo()
-    target.write(b"two\n")  # opens afresh
+    target.write([b"two\n"])  # opens afresh
     assert path.read_bytes() == b"one\ntwo\n"
     target.close()
     assert open_on(path) == 0

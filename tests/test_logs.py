@@ -3,12 +3,15 @@ and configure() picking the one asked for."""
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import sys
 
 import pytest
 
-from sidecar.logs import TextFormatter, configure
+from sidecar import logs
+from sidecar.logs import JsonFormatter, TextFormatter, configure
 
 
 def record(message: str, exc_info: object = None, **context: object) -> logging.LogRecord:
@@ -46,8 +49,35 @@ def test_configure_picks_the_format_asked_for(
         configure("info", fmt)
         logging.getLogger("sidecar.x").warning("plain")
     finally:
+        for handler in root.handlers:
+            handler.close()  # writes what is queued
         root.handlers[:], level = saved
         root.setLevel(level)
     out = capsys.readouterr().out
     assert line in out
     assert out.startswith("{") == (fmt == "json")
+
+
+def test_a_stuck_stdout_drops_lines_counted_and_never_blocks_the_logger(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """While stdout cannot be written (its lock is held, as by a writer blocked on a full
+    pipe), logging returns at once; lines beyond the queue are dropped, and the first line
+    written afterwards says how many."""
+    read_end, write_end = os.pipe()
+    monkeypatch.setattr(sys, "stdout", os.fdopen(write_end, "w"))
+    monkeypatch.setattr(logs, "QUEUE_LIMIT", 10)
+    handler = logs.QueuedStdoutHandler()
+    handler.setFormatter(JsonFormatter())
+    with logs.STDOUT_LOCK:
+        for n in range(50):
+            handler.emit(record(f"line {n}"))
+    handler.close()
+    sys.stdout.close()
+    with os.fdopen(read_end) as pipe:
+        lines = [json.loads(line) for line in pipe.read().splitlines()]
+    assert lines[0]["msg"] == "log lines dropped: stdout did not drain"
+    kept = [int(line["msg"].removeprefix("line ")) for line in lines[1:]]
+    assert kept == sorted(kept)
+    assert lines[0]["count"] + len(kept) == 50
+    assert len(kept) >= 10  # the queue's worth, and what the writer had taken before

@@ -6,13 +6,16 @@ import asyncio
 import logging
 import random
 from pathlib import Path
+from typing import Any
 
 import jwt
 import pytest
 from prometheus_client import CollectorRegistry
 
+from sidecar.api import create_api_app
 from sidecar.errors import SecretUnavailable
 from sidecar.metrics import Metrics
+from sidecar.ops import create_ops_app
 from sidecar.redact import Redacted
 from sidecar.refresher import MIN_SPACING, Refresher, backoff_delay
 from sidecar.sources.base import SecretMaterial
@@ -120,6 +123,87 @@ async def test_unchanged_reads_keep_the_secret_fresh_under_max_staleness(
     assert store.current("default") is None
 
 
+async def test_max_staleness_counts_from_the_last_success_while_reads_keep_failing(
+    registry: CollectorRegistry, aiohttp_client: Any
+) -> None:
+    """Issue 19: with MAX_STALENESS set and every read failing, /readyz fails and signing
+    answers 503 `secret_unavailable` once MAX_STALENESS has passed since the last *good*
+    read. A failed read must neither count as a success nor be the only moment staleness
+    is looked at. The refresher runs its real loop (failures every few ms of real time);
+    the store's staleness clock is a fake one the test moves."""
+    now = [0.0]
+    store = SecretStore(["default"], max_staleness=10.0, monotonic=lambda: now[0])
+    metrics = Metrics(registry, ["default"], "test")
+    src = ScriptedSource()
+    src.answer = material("one", 1)
+    ref = Refresher(
+        {"default": src},
+        store,
+        metrics,
+        interval=0.01,
+        backoff_max=0.01,
+        clock=lambda: 1000.0,
+    )
+    api = await aiohttp_client(create_api_app(store, metrics, retry_after=ref.retry_after))
+    ops = await aiohttp_client(create_ops_app(store, registry))
+
+    def failed() -> float:
+        name = "reditus_sidecar_secret_refresh_total"
+        return sample(registry, name, product="default", result="error") or 0.0
+
+    async def two_more_failures(what: str) -> None:
+        """Let the refresher fail at least twice at the current fake time."""
+        before = failed()
+        await eventually_async(lambda: failed() >= before + 2, what=what)
+
+    async def readyz() -> tuple[int, dict[str, Any]]:
+        response = await ops.get("/readyz")
+        return response.status, (await response.json())["products"]["default"]
+
+    async def sign() -> tuple[int, dict[str, Any], str | None]:
+        response = await api.post(
+            "/v1/token",
+            json={"userId": "u"},
+            headers={"X-Sidecar-Request": "true", "Content-Type": "application/json"},
+        )
+        return response.status, await response.json(), response.headers.get("Retry-After")
+
+    ref.start()
+    try:
+        await eventually_async(lambda: store.peek("default") is not None, what="the good read")
+        src.answer = SecretUnavailable("vault down")  # from now on every read fails
+        await two_more_failures("failures right after the good read")
+        now[0] = 9.5  # 9.5 s since the good read, reads failing all along
+        await two_more_failures("failures at 9.5 s")
+        status, product = await readyz()
+        assert (status, product["usable"], product["secondsSinceRefresh"]) == (200, True, 9.5)
+        status, body, _ = await sign()
+        assert status == 200, body
+        assert jwt.decode(body["token"], "one", algorithms=["HS512"])["UserId"] == "u"
+
+        now[0] = 10.5  # past MAX_STALENESS since the good read, failures still going on
+        await two_more_failures("failures at 10.5 s")
+        status, product = await readyz()
+        assert (status, product["loaded"], product["usable"]) == (503, True, False)
+        assert product["secondsSinceRefresh"] == 10.5  # measured from the success only
+        status, body, retry_after = await sign()
+        assert (status, body["error"]["code"]) == (503, "secret_unavailable")
+        assert retry_after is not None
+        assert int(retry_after) >= 1
+        now[0] = 60.0  # and it stays so for as long as the reads fail
+        await two_more_failures("failures at 60 s")
+        assert (await readyz())[0] == 503
+        assert (await sign())[0] == 503
+
+        src.answer = material("one", 1)  # the source answers again: fresh at once
+        await eventually_async(lambda: store.current("default") is not None, what="recovery")
+        status, product = await readyz()
+        assert (status, product["usable"], product["secondsSinceRefresh"]) == (200, True, 0.0)
+        assert (await sign())[0] == 200
+    finally:
+        await ref.stop()
+
+
 class Extreme:
     """A stand-in random source: every draw is the top (or bottom) of its range."""
 
@@ -179,6 +263,42 @@ async def test_a_success_starts_the_backoff_again_from_one_second(
         assert ref.retry_after("default") == 1
         await eventually_async(lambda: src.calls == 3, what="the second failure")
         assert ref.retry_after("default") == 2
+    finally:
+        await ref.stop()
+
+
+@pytest.mark.looptime
+@pytest.mark.parametrize(
+    ("top", "expected"),
+    [
+        # the top of the jitter: steps 1, 2, 4, 8; the interval 100 s * 1.1 after the success
+        (True, [0.0, 1.0, 3.0, 7.0, 15.0, 125.0, 126.0, 128.0]),
+        # the bottom: half steps 0.5, 1, 2, 4; the interval 100 s * 0.9
+        (False, [0.0, 0.5, 1.5, 3.5, 7.5, 97.5, 98.0, 99.0]),
+    ],
+)
+async def test_a_success_after_grown_backoff_starts_it_again_from_one_second(
+    registry: CollectorRegistry, top: bool, expected: list[float]
+) -> None:
+    """Issue 19: four failures grow the backoff to 8 s; one good read must bring the next
+    failure's delay back to the first step (1 s, then 2 s), not on to 16 s. On the
+    fast-forwarded loop clock, with the jitter pinned at either end of its range."""
+    loop = asyncio.get_running_loop()
+    src = TimedSource()
+    src.answer = SecretUnavailable("vault down")
+    ref, store = refresher(registry, src, interval=100.0, backoff_max=30.0)
+    ref.rng = Extreme(top)  # type: ignore[assignment]
+    began = loop.time()
+    ref.start()
+    try:
+        await eventually_async(lambda: len(src.reads) == 4, what="four failed reads")
+        src.answer = material("one", 1)  # the fifth read, 8 s (or 4 s) on, succeeds
+        await eventually_async(lambda: store.current("default") is not None, what="the good read")
+        src.answer = SecretUnavailable("vault down again")
+        await eventually_async(lambda: len(src.reads) == 6, what="the first failure after it")
+        assert ref.retry_after("default") == 1  # what a 503 tells callers: the first step again
+        await eventually_async(lambda: len(src.reads) == 8, what="two more failures")
+        assert [round(at - began, 3) for at in src.reads] == expected
     finally:
         await ref.stop()
 

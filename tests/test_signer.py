@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
 import json
 import shutil
 import subprocess
@@ -205,3 +208,67 @@ def test_generated_inputs_match_jose(
 ) -> None:
     ours = TokenSigner(product_id, Redacted(secret)).sign(user_id, iat)
     assert ours == jose.sign(secret, product_id, user_id, iat)
+
+
+# --- one signer, many tokens --------------------------------------------------------------
+# The signer keeps per-secret state between tokens (the header segment, the payload prefix,
+# a keyed HMAC it copies per token). A slip there (an HMAC object reused instead of copied,
+# a cached payload) leaves the first token right and the later ones wrong (issue 19): every
+# test above signs one token per signer, so these sign many with the same one.
+
+IN_A_ROW = [  # different users, the same user at another iat, an exact repeat, unicode
+    ("u-1", 1700000000),
+    ("u-2", 1700000000),
+    ("u-1", 1700000001),
+    ("u-1", 1700000000),
+    ("Zoë Åström", 1795460465),
+    ("用户-七", 1795460466),
+    ("x" * 256, 1795460467),
+    ("u-1", 1700000000),
+]
+
+
+def independent_token(secret: str, product_id: str, user_id: str, iat: int, ttl: int) -> str:
+    """HS512 from scratch, sharing nothing with sidecar.signer: json.dumps for the claims
+    (the same bytes as JSON.stringify for these inputs), a fresh HMAC-SHA512 per token."""
+
+    def segment(value: dict[str, object]) -> bytes:
+        text = json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+        return base64.urlsafe_b64encode(text.encode("utf-8")).rstrip(b"=")
+
+    claims: dict[str, object] = {"ProductId": product_id, "UserId": user_id, "iat": iat}
+    if ttl:
+        claims["exp"] = iat + ttl
+    signing_input = segment({"alg": "HS512", "typ": "JWT"}) + b"." + segment(claims)
+    mac = hmac.new(secret.encode("utf-8"), signing_input, hashlib.sha512).digest()
+    return (signing_input + b"." + base64.urlsafe_b64encode(mac).rstrip(b"=")).decode("ascii")
+
+
+@pytest.mark.parametrize("ttl", [0, 300])
+def test_every_token_of_one_signer_matches_a_fresh_hmac(ttl: int) -> None:
+    signer = TokenSigner("prod-1", Redacted(SECRET), ttl=ttl)
+    for round_ in range(3):  # and the same sequence again: nothing accumulates per token
+        for i, (user_id, iat) in enumerate(IN_A_ROW):
+            expected = independent_token(SECRET, "prod-1", user_id, iat, ttl)
+            assert signer.sign(user_id, iat) == expected, f"token {i} of round {round_}"
+
+
+def test_every_token_of_one_signer_matches_jose(jose: JoseSigner) -> None:
+    signer = TokenSigner("prod-1", Redacted(SECRET))
+    ours = [signer.sign(user_id, iat) for user_id, iat in IN_A_ROW]
+    theirs = [jose.sign(SECRET, "prod-1", user_id, iat) for user_id, iat in IN_A_ROW]
+    for i, (mine, reference) in enumerate(zip(ours, theirs, strict=True)):
+        assert mine == reference, f"token {i} in a row"
+    assert ours[0] == ours[3] == ours[7]  # the same user and iat: the same token
+    assert len(set(ours)) == 6
+
+
+def test_two_signers_in_turn_do_not_share_state() -> None:
+    """Two products signing alternately (two snapshots alive at once) stay independent."""
+    first = TokenSigner("prod-1", Redacted(SECRET))
+    second = TokenSigner("prod-2", Redacted("another-" + SECRET), ttl=60)
+    for user_id, iat in IN_A_ROW:
+        assert first.sign(user_id, iat) == independent_token(SECRET, "prod-1", user_id, iat, 0)
+        assert second.sign(user_id, iat) == independent_token(
+            "another-" + SECRET, "prod-2", user_id, iat, 60
+        )
