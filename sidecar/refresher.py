@@ -173,8 +173,9 @@ class Refresher:
 
     def refresh_now(self) -> None:
         """Re-read every product at once (SIGHUP); a storm of them coalesces into at most
-        one read in flight and one more after it, per product."""
-        log.info("refresh requested")
+        one read in flight and one more after it, per product, and one log line per read."""
+        if not all(event.is_set() for event in self._wake.values()):
+            log.info("refresh requested")
         for event in self._wake.values():
             event.set()
 

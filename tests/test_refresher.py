@@ -386,8 +386,13 @@ class GatedSource(ScriptedSource):
 
 @pytest.mark.looptime
 async def test_a_storm_of_sighups_coalesces_into_one_more_read(
-    registry: CollectorRegistry,
+    registry: CollectorRegistry, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO, logger="sidecar.refresher")
+
+    def requested() -> int:
+        return [r.getMessage() for r in caplog.records].count("refresh requested")
+
     src = GatedSource()
     ref, _store = refresher(registry, src, interval=3600.0)
     ref.start()
@@ -395,11 +400,13 @@ async def test_a_storm_of_sighups_coalesces_into_one_more_read(
         await asyncio.wait_for(src.reading.wait(), 5)  # the first read is in flight
         for _ in range(100):
             ref.refresh_now()
+        assert requested() == 1  # a line per read owed, not per signal
         src.gate.set()
         await eventually_async(lambda: src.calls == 2, what="the one extra read")
         for _ in range(100):  # and a second storm after it: again one read, spaced
             ref.refresh_now()
         await eventually_async(lambda: src.calls == 3, what="the read after the second storm")
+        assert requested() == 2
         await asyncio.sleep(10 * MIN_SPACING)  # loop time, fast-forwarded: nothing else was owed
         assert src.calls == 3
     finally:
