@@ -75,9 +75,10 @@ def test_policy_refuses_everything_else(openbao, policy_token, method, path, pay
 
 
 def run_script(
-    script: str, env: dict[str, str], stdin: str | None = None
+    script: str, env: dict[str, str], stdin: str | None = None, *, succeed: bool = True
 ) -> subprocess.CompletedProcess[str]:
-    """A deploy/vault script with the venv's tools (bao) on PATH; it must succeed."""
+    """A deploy/vault script with the venv's tools (bao) on PATH; it must succeed (or,
+    with succeed=False, fail)."""
     path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
     result = subprocess.run(
         ["bash", str(DEPLOY / script)],
@@ -88,7 +89,7 @@ def run_script(
         timeout=60,
         check=False,
     )
-    assert result.returncode == 0, result.stderr
+    assert (result.returncode == 0) is succeed, result.stderr
     return result
 
 
