@@ -8,14 +8,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
+import os
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 from . import __version__, logs
-from .config import Settings, load_settings
+from .config import GLOBAL_KEYS, Settings, load_settings, parse_address
 from .errors import ConfigError, SourceError
 from .signer import TokenSigner
 
@@ -47,8 +51,16 @@ def _settings(args: argparse.Namespace, *, one_shot: bool = False) -> Settings:
     logs.configure(level, settings.log_format)
     if one_shot and level != "debug":
         # The Vault session's "login failed, retry in N s" would promise a retry that a
-        # one-shot command never makes; the command prints the failure itself.
+        # one-shot command never makes; the command prints the failure itself. A token it
+        # could not revoke at the end is still a warning (sidecar.sources.vault.revoke).
         logging.getLogger("sidecar.sources.vault").setLevel(logging.ERROR)
+        logging.getLogger("sidecar.sources.vault.revoke").setLevel(level.upper())
+    if one_shot and settings.vault.revoke_on_shutdown == "all":
+        # `all` hands serve's token to the sidecar to end; a one-shot command run next to
+        # serve (kubectl exec) shares a handed token with it and must not end it under it.
+        # The token it logged in for itself it still revokes.
+        vault = dataclasses.replace(settings.vault, revoke_on_shutdown="true")
+        settings = dataclasses.replace(settings, vault=vault)
     if settings.unknown_env:
         log.warning(
             "ignoring unknown variables (typo?)", extra={"detail": ", ".join(settings.unknown_env)}
@@ -64,7 +76,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 async def _read_all(settings: Settings) -> dict[str, Any]:
-    """Fetch every product once; a product maps to its material or its error."""
+    """Fetch every product once; a product maps to its material or its error. The Vault
+    token it logged in for is revoked at the end (REDITUS_SIDECAR_REVOKE_ON_SHUTDOWN):
+    each run would otherwise leave one live token behind, for its whole TTL."""
     from .sources.factory import build_sources
 
     sources = build_sources(settings)
@@ -77,7 +91,7 @@ async def _read_all(settings: Settings) -> dict[str, Any]:
             except SourceError as exc:
                 results[name] = exc
     finally:
-        await sources.close()
+        await sources.close(revoke=True)
     return results
 
 
@@ -147,6 +161,43 @@ def _no_op(_args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+READY_TIMEOUT = 2.0  # a probe that waits longer than this is a failed probe
+
+
+def cmd_ready(args: argparse.Namespace) -> int:
+    """Exit 0 when `/readyz` answers 200 within READY_TIMEOUT, else 1: the health check of
+    an image or a compose service, which have no curl. Reads only the ops address, so it
+    works whatever else the environment holds."""
+    url = args.url or ops_url(os.environ.get("REDITUS_SIDECAR_METRICS_LISTEN", ""))
+    try:
+        with urllib.request.urlopen(url.rstrip("/") + "/readyz", timeout=READY_TIMEOUT) as answer:  # noqa: S310 - an operator's URL
+            status = answer.status
+    except urllib.error.HTTPError as exc:
+        status = exc.code
+    except (OSError, ValueError) as exc:
+        print(f"ready: {url}: {getattr(exc, 'reason', exc)}", file=sys.stderr)
+        return EXIT_FAILURE
+    if status != 200:
+        print(f"ready: {url}/readyz answered {status}", file=sys.stderr)
+        return EXIT_FAILURE
+    return EXIT_OK
+
+
+def ops_url(listen: str) -> str:
+    """The ops listener's URL from REDITUS_SIDECAR_METRICS_LISTEN; a wildcard address is
+    reached on loopback."""
+    default = GLOBAL_KEYS["METRICS_LISTEN"] or ""
+    address = parse_address(
+        listen or default, "REDITUS_SIDECAR_METRICS_LISTEN", loopback_only=False
+    )
+    host = address.host
+    if host in ("0.0.0.0", ""):
+        host = "127.0.0.1"
+    elif host == "::":
+        host = "::1"
+    return f"http://[{host}]:{address.port}" if ":" in host else f"http://{host}:{address.port}"
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(
         prog="reditus-sidecar",
@@ -171,6 +222,17 @@ def parser() -> argparse.ArgumentParser:
     sign.add_argument("--user-id", required=True, help="the Reditus UserId claim")
     sign.add_argument("--product", default="default", help="configured product name")
     add("check", "validate configuration and read every product's secret once", cmd_check)
+    ready = commands.add_parser(
+        "ready",
+        help="exit 0 when /readyz answers 200 within 2 s, else 1 (a health check)",
+        description="exit 0 when /readyz answers 200 within 2 s, else 1 (a health check)",
+    )
+    ready.set_defaults(handler=cmd_ready)
+    ready.add_argument(
+        "--url",
+        help="the ops listener (default: from REDITUS_SIDECAR_METRICS_LISTEN, a wildcard "
+        "address read as loopback)",
+    )
     return top
 
 

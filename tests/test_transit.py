@@ -25,7 +25,7 @@ from sidecar.devserver import OpenBaoDevServer, find_bao
 from sidecar.errors import SecretUnavailable
 from sidecar.sources.transit import TransitMode
 from sidecar.state import SecretStore
-from tests.openbao import Bao, unique, vault_sidecar
+from tests.openbao import Bao, unique, vault_sidecar, write_file
 from tests.support import (
     base_env,
     eventually,
@@ -37,6 +37,7 @@ from tests.support import (
     signed_with,
     spawn,
 )
+from tests.test_revoke import accessors_of_role
 from tests.test_signer import JoseSigner
 
 SECRET = "transit-secret-\u00e9\u00df-" + "t" * 60  # non-ASCII: the key is the UTF-8 bytes
@@ -239,6 +240,31 @@ def test_check_and_sign_commands_use_transit(bao: Bao, key: str) -> None:
     assert "Traceback" not in "\n".join(lines)
 
 
+def test_check_and_sign_in_transit_mode_revoke_the_token_they_logged_in_for(
+    bao: Bao, key: str, tmp_path: Path
+) -> None:
+    """Each run logs in with AppRole; none leaves its token alive behind it."""
+    policy = unique("transit-hmac")
+    bao.policy(policy, f'path "transit/hmac/{key}/sha2-512" {{ capabilities = ["update"] }}\n')
+    role, role_id, secret_id = bao.approle([policy], token_ttl="300s")
+    env = base_env(
+        VAULT_ADDR=bao.addr,
+        REDITUS_SIDECAR_SECRET_SOURCE="transit",
+        REDITUS_SIDECAR_TRANSIT_KEY=key,
+        REDITUS_SIDECAR_PRODUCT_ID=PRODUCT_ID,
+        REDITUS_SIDECAR_VAULT_AUTH="approle",
+        REDITUS_SIDECAR_VAULT_ROLE_ID=role_id,
+        REDITUS_SIDECAR_VAULT_SECRET_ID_FILE=str(write_file(tmp_path / "sid", secret_id)),
+    )
+    for command in (["check"], ["sign", "--user-id", "u-cli"]):
+        proc, lines = spawn(command, env)
+        assert proc.wait(30) == 0, lines
+        join_output(proc)
+        assert len(lines) == 1, lines  # the result alone: the revocation went through
+    assert signed_with(lines[0], SECRET)
+    assert accessors_of_role(bao, role) == []
+
+
 async def test_a_wrong_mount_is_a_404_that_names_the_mount_setting(bao: Bao, key: str) -> None:
     """Vault has no route under a mount that does not exist (404, unlike the 400 of a
     missing key): the error still points at REDITUS_SIDECAR_TRANSIT_MOUNT."""
@@ -286,6 +312,33 @@ def test_ready_after_the_first_transit_answer_and_sighup_probes(bao: Bao, tmp_pa
         status, body = post_token(sidecar.api_url, {"userId": "u"})
         assert status == 200
         assert signed_with(str(body["token"]), NEW)
+
+
+def test_a_key_deleted_and_created_again_shows_its_version_at_the_next_probe(
+    bao: Bao, key: str, tmp_path: Path
+) -> None:
+    """A key created again under its name starts again at version 1. Tokens are signed with
+    it at once; the version metric used to stay at the old key's number until a restart,
+    and now follows at the next probe (here on SIGHUP)."""
+    env = transit_env(bao, key, REDITUS_SIDECAR_REFRESH_INTERVAL="60")
+    with vault_sidecar(bao.addr, **env) as sidecar:
+        import_key(bao, tmp_path, key, NEW, command="import-version")
+        sidecar.proc.send_signal(signal.SIGHUP)
+        eventually(lambda: scrape_value(sidecar.metrics_url, VERSION) == 2, what="version 2")
+        root = bao.root()
+        root.write_data(f"transit/keys/{key}/config", data={"deletion_allowed": True})
+        root.adapter.delete(f"/v1/transit/keys/{key}")
+        import_key(bao, tmp_path, key, SECRET)  # the same name again: version 1
+        status, body = post_token(sidecar.api_url, {"userId": "u-again"})
+        assert status == 200
+        assert signed_with(str(body["token"]), SECRET)
+        sidecar.proc.send_signal(signal.SIGHUP)
+        eventually(lambda: scrape_value(sidecar.metrics_url, VERSION) == 1, what="version 1")
+        assert any(
+            str(r.get("msg")).startswith("transit key version went back")
+            and (r.get("version"), r.get("previous_version")) == (1, 2)
+            for r in sidecar.log_records()
+        )
 
 
 def test_the_audit_records_the_transit_key_version(bao: Bao, key: str, tmp_path: Path) -> None:

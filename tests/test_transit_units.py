@@ -564,17 +564,50 @@ async def test_retry_after_while_the_breaker_is_open_is_the_refusal_window(
     assert mode.retry_after("default") == 40  # 40.4 s, less the moments since
 
 
-async def test_a_probe_answered_with_a_lower_version_counts_as_changed(
+async def test_a_probe_answered_with_a_lower_version_counts_as_changed_and_is_believed(
     registry: CollectorRegistry,
     metrics: Metrics,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """A key deleted and imported again under the same name starts again at version 1:
-    the probe tells the operator Vault's key changed (even though the store, which never
-    moves back, keeps the higher version)."""
+    """A key deleted and imported again under the same name starts again at version 1: the
+    probe says Vault's key changed, and the store and the version metric follow it down
+    (they used to keep the higher version until a restart)."""
     version = 3
     mode = make_mode(lambda inputs: signed(version)(inputs), metrics)
     assert await mode.probe()
     version = 1
-    assert await mode.probe()
+    with caplog.at_level(logging.INFO, logger=transit.__name__):
+        assert await mode.probe()
     labels = {"product": "default", "result": "changed"}
     assert registry.get_sample_value("reditus_sidecar_secret_refresh_total", labels) == 2
+    assert mode.store.peek("default").version == 1  # type: ignore[union-attr]
+    assert registry.get_sample_value("reditus_sidecar_secret_version", {"product": "default"}) == 1
+    [record] = [r for r in caplog.records if r.getMessage().startswith("transit key version")]
+    assert record.levelno == logging.WARNING
+    assert (record.version, record.previous_version) == (1, 3)  # type: ignore[attr-defined]
+
+
+async def test_a_bogus_version_in_a_token_answer_lasts_until_the_next_probe(
+    registry: CollectorRegistry,
+    metrics: Metrics,
+) -> None:
+    """One answer claiming a version the key does not have (here from something between us
+    and Vault) used to pin the store and `reditus_sidecar_secret_version` at it for good,
+    since lower versions were ignored. Tokens still only move it up; the probe, which asks
+    what the key is now, brings it back."""
+    version = 2
+    mode = make_mode(lambda inputs: signed(version)(inputs), metrics)
+
+    def gauge() -> float | None:
+        return registry.get_sample_value("reditus_sidecar_secret_version", {"product": "default"})
+
+    await mode.signer.sign_remote("u-1", 1_700_000_000)
+    version = 4_000_000_000
+    await mode.signer.sign_remote("u-2", 1_700_000_000)
+    assert gauge() == 4_000_000_000
+    version = 2
+    _, used = await mode.signer.sign_remote("u-3", 1_700_000_000)
+    assert (used, gauge()) == (2, 4_000_000_000)  # a token's answer never moves it down
+    assert await mode.probe()
+    assert gauge() == 2
+    assert mode.store.peek("default").version == 2  # type: ignore[union-attr]

@@ -1,27 +1,43 @@
 """Vault faults against real OpenBao servers each test starts and stops by PID:
 unreachable, hung (SIGSTOP), stopped and restarted, not there yet at start, TLS with a
 custom CA. At source level the errors are precise and bounded in time; through the
-real process, signing goes on with the last good secret and recovers by itself.
+real process, signing goes on with the last good secret and recovers by itself. What
+OpenBao cannot be made to do (answer 100 MiB, drip its answer) a loopback stand-in does.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import select
 import signal
+import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import pytest
 
+from sidecar.config import load_settings
 from sidecar.devserver import OpenBaoDevServer, free_port_pair
 from sidecar.sources.vault import VaultSession
-from sidecar.sources.vault_client import VaultTLSError, VaultUnreachable
+from sidecar.sources.vault_client import (
+    MAX_ANSWER_BYTES,
+    VaultAnswerTooLarge,
+    VaultTimeout,
+    VaultTLSError,
+    VaultTransport,
+    VaultUnreachable,
+)
 from tests.openbao import (
     Bao,
     logins,
     make_ca,
+    make_server_cert,
     session_for,
     unique,
     vault_sidecar,
@@ -339,3 +355,306 @@ async def test_something_else_answering_at_vault_addr(openbao) -> None:
                 await source.fetch()
         finally:
             await session.close()
+
+
+# --- what OpenBao cannot be made to do: a huge or a dripping answer ----------------------
+# A stand-in on loopback plays a Vault (or whatever answers at VAULT_ADDR) that sends 100 MiB
+# or drips its answer a byte at a time. It records, per connection, how much it could send
+# and whether the sidecar closed the connection: the observable side of the bounds.
+
+MiB = 1024 * 1024
+HUGE = 100 * MiB
+DRIP_EVERY = 0.05  # seconds between two dripped bytes
+DRIP_FOR = 60.0  # a dripping answer ends (and its connection) after this long at most
+
+
+@dataclass
+class Seen:
+    """One connection as the stand-in saw it."""
+
+    sent: int = 0  # bytes of the answer that left the stand-in
+    closed: threading.Event = field(default_factory=threading.Event)  # by the sidecar
+
+
+def peer_closed(conn: socket.socket, within: float) -> bool:
+    """Whether the client closed its end, waiting up to `within` for it (it sends nothing
+    after its request, so anything readable is the end: EOF or a reset)."""
+    readable, _, _ = select.select([conn], [], [], within)
+    if not readable:
+        return False
+    try:
+        return conn.recv(1) == b""
+    except OSError:
+        return True
+
+
+Answer = Callable[[socket.socket, Seen, threading.Event], None]
+
+
+@contextlib.contextmanager
+def stand_in(answer: Answer, tls: ssl.SSLContext | None = None) -> Iterator[tuple[str, list[Seen]]]:
+    """A loopback server (with `tls`, over TLS) answering each request with
+    `answer(conn, seen, stop)`; yields its URL and what each connection saw. Every thread
+    of it ends by the time it is left."""
+    server = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+    seen: list[Seen] = []
+    threads: list[threading.Thread] = []
+
+    def serve(conn: socket.socket, record: Seen) -> None:
+        if tls is not None:
+            conn = tls.wrap_socket(conn, server_side=True)
+        with conn:
+            head = b""
+            while b"\r\n\r\n" not in head:
+                chunk = conn.recv(65536)
+                if not chunk:
+                    return
+                head += chunk
+            try:
+                answer(conn, record, stop)
+            except OSError:
+                record.closed.set()
+
+    def accept() -> None:
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:  # shut down: the test is over
+                return
+            record = Seen()
+            seen.append(record)
+            thread = threading.Thread(target=serve, args=(conn, record), name="stand-in-conn")
+            threads.append(thread)
+            thread.start()
+
+    acceptor = threading.Thread(target=accept, name="stand-in-accept")
+    acceptor.start()
+    try:
+        scheme = "http" if tls is None else "https"
+        yield f"{scheme}://127.0.0.1:{server.getsockname()[1]}", seen
+    finally:
+        stop.set()
+        server.shutdown(socket.SHUT_RDWR)
+        server.close()
+        for thread in [acceptor, *threads]:
+            thread.join(DRIP_FOR)
+
+
+def until_closed(conn: socket.socket, seen: Seen, stop: threading.Event) -> None:
+    """After the answer: hold the connection until the client closes it."""
+    while not stop.is_set():
+        if peer_closed(conn, 0.1):
+            seen.closed.set()
+            return
+
+
+def flood(head: bytes, size: int, *, chunked: bool = False) -> Answer:
+    """`head`, then `size` bytes of body as fast as the client takes them."""
+
+    def answer(conn: socket.socket, seen: Seen, stop: threading.Event) -> None:
+        conn.sendall(head)
+        block = b"x" * (64 * 1024)
+        while seen.sent < size and not stop.is_set():
+            piece = block[: size - seen.sent]
+            conn.sendall(b"%x\r\n%s\r\n" % (len(piece), piece) if chunked else piece)
+            seen.sent += len(piece)
+        if chunked:
+            conn.sendall(b"0\r\n\r\n")
+        until_closed(conn, seen, stop)
+
+    return answer
+
+
+def drip(head: bytes, dripped: bytes) -> Answer:
+    """`head` at once, then `dripped` one byte every DRIP_EVERY seconds: each read of the
+    client gets a byte well within its timeout, so only a deadline for the whole call ends
+    it."""
+
+    def answer(conn: socket.socket, seen: Seen, stop: threading.Event) -> None:
+        conn.sendall(head)
+        seen.sent = len(head)
+        ends = time.monotonic() + DRIP_FOR
+        for byte in dripped:
+            if stop.is_set() or time.monotonic() > ends:
+                return
+            if peer_closed(conn, DRIP_EVERY):
+                seen.closed.set()
+                return
+            conn.sendall(bytes([byte]))
+            seen.sent += 1
+        until_closed(conn, seen, stop)
+
+    return answer
+
+
+def kernel_buffers() -> int:
+    """The most loopback TCP can hold in flight: the largest send and receive buffers."""
+    sizes = [
+        int(Path(f"/proc/sys/net/ipv4/tcp_{kind}").read_text().split()[2])
+        for kind in ("rmem", "wmem")
+    ]
+    return sum(sizes)
+
+
+def a_transport(url: str, **env: str) -> VaultTransport:
+    settings = load_settings(
+        {
+            "VAULT_ADDR": url,
+            "VAULT_TOKEN": "s.stand-in",
+            "REDITUS_SIDECAR_VAULT_TIMEOUT": "3",
+            **env,
+        }
+    )
+    return VaultTransport(settings.vault)
+
+
+@pytest.fixture(scope="module")
+def stand_in_tls(tmp_path_factory: pytest.TempPathFactory) -> tuple[ssl.SSLContext, Path]:
+    """The stand-in's TLS context and the CA file that trusts it."""
+    directory = tmp_path_factory.mktemp("stand-in-tls")
+    ca, ca_key, ca_cert = make_ca(directory, "stand-in-ca")
+    cert, key = make_server_cert(directory, ca_key, ca_cert)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    return context, ca
+
+
+def read_secret(client: Any) -> Any:
+    return client.secrets.kv.v2.read_secret_version(
+        path="reditus", mount_point="secret", raise_on_deleted_version=True
+    )
+
+
+JSON_HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        # Content-Length says 100 MiB and no byte of the body follows: refused on the header
+        # alone (reading would wait for a body that never comes, and time out instead).
+        pytest.param(
+            lambda: drip(JSON_HEAD + b"Content-Length: %d\r\n\r\n" % HUGE, b""), id="declared"
+        ),
+        pytest.param(
+            lambda: flood(JSON_HEAD + b"Transfer-Encoding: chunked\r\n\r\n", HUGE, chunked=True),
+            id="chunked",
+        ),
+        pytest.param(lambda: flood(JSON_HEAD + b"Connection: close\r\n\r\n", HUGE), id="to-eof"),
+        # requests reads a redirect's body before following it: that body is capped too.
+        pytest.param(
+            lambda: flood(
+                b"HTTP/1.1 307 Temporary Redirect\r\nLocation: /v1/elsewhere\r\n"
+                b"Connection: close\r\n\r\n",
+                HUGE,
+            ),
+            id="redirect",
+        ),
+    ],
+)
+async def test_an_answer_over_1_mib_is_refused_unread(answer: Callable[[], Answer]) -> None:
+    """100 MiB from VAULT_ADDR used to be read whole (259 MB RSS): now at most 1 MiB of it
+    is, then the connection is closed and the call fails with its own error."""
+    with stand_in(answer()) as (url, seen):
+        with pytest.raises(VaultAnswerTooLarge) as caught:
+            await a_transport(url).call(read_secret, token="s.stand-in")
+        assert str(caught.value) == (
+            f"Vault's answer exceeds 1 MiB: {url} sent more than any answer the sidecar "
+            "needs, and the rest was not read; check VAULT_ADDR (and any proxy in between)"
+        )
+        [connection] = seen
+        await eventually_async(connection.closed.is_set, what="the connection closed")
+        # What left the stand-in is what we read plus what the kernel buffered, nowhere
+        # near the 100 MiB on offer.
+        assert connection.sent <= MAX_ANSWER_BYTES + kernel_buffers() < HUGE
+
+
+@pytest.mark.parametrize("size", [MAX_ANSWER_BYTES, MAX_ANSWER_BYTES + 1])
+@pytest.mark.parametrize("declared", [True, False], ids=["declared", "to-eof"])
+async def test_an_answer_of_1_mib_is_read_and_one_byte_more_is_not(
+    size: int, declared: bool
+) -> None:
+    envelope = b'{"data": {"data": {"pad": ""}, "metadata": {"version": 1}}}'
+    body = envelope.replace(b'""', b'"' + b"p" * (size - len(envelope)) + b'"')
+    assert len(body) == size
+    length = b"Content-Length: %d\r\n" % size if declared else b"Connection: close\r\n"
+
+    def answer(conn: socket.socket, seen: Seen, stop: threading.Event) -> None:
+        conn.sendall(JSON_HEAD + length + b"\r\n" + body)
+        seen.sent = len(body)
+        if not declared:
+            conn.shutdown(socket.SHUT_WR)  # the end of the body
+        until_closed(conn, seen, stop)
+
+    with stand_in(answer) as (url, _):
+        call = a_transport(url).call(read_secret, token="s.stand-in")
+        if size > MAX_ANSWER_BYTES:
+            with pytest.raises(VaultAnswerTooLarge):
+                await call
+        else:
+            assert len((await call)["data"]["data"]["pad"]) == size - len(envelope)
+
+
+async def test_answers_within_the_bounds_keep_their_connection() -> None:
+    """The bounds cost nothing to a well-behaved Vault: answers read in full leave their
+    connection in the pool, and the next call (with a deadline of its own) reuses it."""
+    answer = b'{"data": {"data": {"a": "b"}, "metadata": {"version": 7}}}'
+
+    def keep_alive(conn: socket.socket, seen: Seen, stop: threading.Event) -> None:
+        while not stop.is_set():
+            conn.sendall(JSON_HEAD + b"Content-Length: %d\r\n\r\n" % len(answer) + answer)
+            seen.sent += len(answer)
+            head = b""
+            while b"\r\n\r\n" not in head:
+                chunk = conn.recv(65536)
+                if not chunk:
+                    seen.closed.set()
+                    return
+                head += chunk
+
+    with stand_in(keep_alive) as (url, seen):
+        transport = a_transport(url)
+        for _ in range(3):
+            read = await transport.call_within(read_secret, token="s.stand-in", bound=1.0)
+            assert read["data"]["metadata"]["version"] == 7
+        [connection] = seen  # one connection for the three calls
+        assert connection.sent == 3 * len(answer)
+        transport.close()
+        await eventually_async(connection.closed.is_set, what="closed with the session")
+
+
+# A header longer than the drip lasts: the answer's head never completes.
+ENDLESS_HEAD = JSON_HEAD + b"X-Pad: " + b"p" * 4096 + b"\r\n\r\n"
+
+
+@pytest.mark.parametrize(
+    ("head", "dripped", "tls"),
+    [
+        pytest.param(b"", ENDLESS_HEAD, False, id="headers"),
+        pytest.param(b"", ENDLESS_HEAD, True, id="headers-tls"),
+        pytest.param(JSON_HEAD + b"Content-Length: 4096\r\n\r\n", b" " * 4096, False, id="body"),
+    ],
+)
+async def test_a_dripping_vault_is_cut_at_the_calls_bound(
+    head: bytes, dripped: bytes, tls: bool, stand_in_tls: tuple[ssl.SSLContext, Path]
+) -> None:
+    """Every read gets a byte within its timeout, so only the call's own deadline ends it:
+    at that bound the connection is closed and the worker thread ends (before, both lived
+    on for as long as the drip, one per breaker window)."""
+    context, ca = stand_in_tls
+    before = set(threading.enumerate())
+    with stand_in(drip(head, dripped), context if tls else None) as (url, seen):
+        transport = a_transport(url, VAULT_CACERT=str(ca))
+        with pytest.raises(VaultTimeout, match="did not answer within 3s"):
+            await transport.call_within(read_secret, token="s.stand-in", bound=1.0)
+        [connection] = seen
+        await eventually_async(connection.closed.is_set, what="the stand-in saw the close")
+        assert connection.sent < len(head + dripped)  # cut before the answer was complete
+
+        def leftovers() -> list[str]:
+            return [t.name for t in threading.enumerate() if t not in before and t.is_alive()]
+
+        # the stand-in's acceptor lives until the block ends; the call's thread, the
+        # stand-in's thread for that connection and any timer must be gone
+        await eventually_async(lambda: leftovers() == ["stand-in-accept"], what="threads end")

@@ -6,7 +6,8 @@ Login, renewal and re-login are the shared `VaultSession`'s. Concurrent tokens a
 coalesced into `batch_input` calls (`Coalescer`): one call at a time carries up to
 `MAX_BATCH` signing inputs, and a failed or hung call opens a breaker so requests are
 refused at once instead of queueing behind a dead Vault. A probe every refresh interval
-keeps `/readyz` and the key-version metric honest when no tokens are asked for.
+keeps `/readyz` and the key-version metric honest when no tokens are asked for: its answer
+says what the key's version is, even when that is lower than one seen before.
 """
 
 from __future__ import annotations
@@ -230,29 +231,44 @@ class TransitMode:
             self._call_duration.observe(time.perf_counter() - started)
             self._calls[result].inc()
 
-    def _seen(self, version: int) -> None:
-        """Vault signed with key `version`: the store is confirmed, or moves to it."""
+    def _seen(self, version: int, *, probed: bool = False) -> None:
+        """Vault signed with key `version`: the store is confirmed, or moves to it.
+
+        A token's answer only moves it up: a standby that has not seen a rotation yet may
+        still sign with the previous version. The probe's answer is taken as it is, or one
+        answer with a version the key does not have (a key deleted and created again, which
+        starts at 1 again; a bogus answer from something in between) would stay in the
+        store and in `reditus_sidecar_secret_version` until a restart."""
         current = self.store.peek(self.product)
         now = time.time()
         if self.metrics is not None:
             self.metrics.secret_last_success.labels(product=self.product).set(now)
-        if current is not None and current.version >= version:
+        if current is not None and (
+            current.version == version or (current.version > version and not probed)
+        ):
             self.store.confirm(self.product)
             return
         self.store.replace(self.product, Snapshot(self.signer, version=version, loaded_at=now))
         if self.metrics is not None:
             self.metrics.secret_version.labels(product=self.product).set(version)
             self.metrics.secret_loaded.labels(product=self.product).set(now)
-        log.info(
-            "transit key in use" if current is None else "transit key rotated",
-            extra={
-                "product": self.product,
-                "product_id": self.signer.product_id,
-                "source": self.description,
-                "version": version,
-                "previous_version": current.version if current else None,
-            },
-        )
+        extra = {
+            "product": self.product,
+            "product_id": self.signer.product_id,
+            "source": self.description,
+            "version": version,
+            "previous_version": current.version if current else None,
+        }
+        if current is None:
+            log.info("transit key in use", extra=extra)
+        elif version > current.version:
+            log.info("transit key rotated", extra=extra)
+        else:
+            log.warning(
+                "transit key version went back: the key was created again, or an earlier "
+                "answer claimed a version it does not have",
+                extra=extra,
+            )
 
     # --- the probe --------------------------------------------------------------------
 
@@ -268,6 +284,7 @@ class TransitMode:
                 extra={"product": self.product, "source": self.description, "error": str(exc)},
             )
             return False
+        self._seen(version, probed=True)
         changed = previous is None or previous.version != version
         self._count_probe("changed" if changed else "unchanged")
         return True
@@ -312,7 +329,8 @@ class TransitMode:
 
 async def sign_once(settings: Settings, user_id: str | None, iat: int) -> tuple[str, int]:
     """For `check` and `sign`: one HMAC from transit (the probe input when `user_id` is
-    None); returns (token or "", key version)."""
+    None); returns (token or "", key version). The token it logged in for is revoked at
+    the end, as `serve` does at shutdown."""
     store = SecretStore([DEFAULT_PRODUCT])
     mode = TransitMode(settings, store)
     await mode.session.start()
@@ -323,4 +341,4 @@ async def sign_once(settings: Settings, user_id: str | None, iat: int) -> tuple[
         return await mode.signer.sign_remote(user_id, iat)
     finally:
         await mode.stop()
-        await mode.session.close()
+        await mode.session.close(revoke=True)

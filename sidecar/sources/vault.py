@@ -32,6 +32,10 @@ if TYPE_CHECKING:
     from ..metrics import Metrics
 
 log = logging.getLogger(__name__)
+# Revocation speaks on a logger of its own: the one-shot commands silence the session's
+# logger (its "login failed, retry in N s" promises a retry they never make), but a token
+# they could not revoke is still worth a warning.
+revoke_log = logging.getLogger(f"{__name__}.revoke")
 
 RENEW_AT = 2 / 3  # of the TTL: leaves a third of it for retries when Vault is down
 EXPIRY_MARGIN = 0.5  # seconds: a token this close to expiry is not used any more
@@ -98,29 +102,31 @@ class VaultSession:
         if mode == "false" or state is None:
             return
         if self.auth.method == "token" and mode != "all":
-            log.debug("not revoking the Vault token: it was handed to the sidecar")
+            revoke_log.debug("not revoking the Vault token: it was handed to the sidecar")
             return
         timeout = min(REVOKE_TIMEOUT, self.settings.timeout)
         token = state.token.reveal()
         try:
             await self.transport.call_within(_revoke_self, token=token, bound=timeout)
         except VaultTimeout:
-            log.warning(
+            revoke_log.warning(
                 "revoking the Vault token at shutdown timed out; it lapses at its TTL",
                 extra={"detail": f"no answer within {timeout:g}s"},
             )
         except VaultHTTPError as exc:
-            log.warning(
+            revoke_log.warning(
                 "Vault refused to revoke the token at shutdown; it lapses at its TTL",
                 extra={"status": exc.status, "error": exc.said([token])},
             )
         except SourceError as exc:
-            log.warning(
+            revoke_log.warning(
                 "could not revoke the Vault token at shutdown; it lapses at its TTL",
                 extra={"error": str(exc)},
             )
         else:
-            log.info("revoked the Vault token at shutdown", extra={"method": self.auth.method})
+            revoke_log.info(
+                "revoked the Vault token at shutdown", extra={"method": self.auth.method}
+            )
 
     def _client_cert_loaded(self, result: str, pair: ClientPair | None) -> None:
         if self.metrics is not None:
