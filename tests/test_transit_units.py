@@ -611,3 +611,13 @@ async def test_a_bogus_version_in_a_token_answer_lasts_until_the_next_probe(
     assert await mode.probe()
     assert gauge() == 2
     assert mode.store.peek("default").version == 2  # type: ignore[union-attr]
+
+
+async def test_a_sighup_storm_logs_one_line_per_probe_it_owes(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="sidecar.sources.transit")
+    mode = make_mode(raising(RuntimeError("unused")))
+    for _ in range(100):
+        mode.refresh_now()
+    assert [r.getMessage() for r in caplog.records].count("refresh requested") == 1

@@ -312,8 +312,10 @@ class TransitMode:
         return max(1, min(int(self.settings.backoff_max), round(wait)))
 
     def refresh_now(self) -> None:
-        """SIGHUP: probe now (shows a new key version without waiting for traffic)."""
-        log.info("refresh requested")
+        """SIGHUP: probe now (shows a new key version without waiting for traffic); a storm
+        of them owes one probe, and one log line."""
+        if not self._wake.is_set():
+            log.info("refresh requested")
         self._wake.set()
 
     def start(self) -> None:
