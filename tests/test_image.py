@@ -16,6 +16,10 @@ Debian packages when no registry is reachable (--local-base). Then:
   npm `jose`'s; `podman stop` ends the sidecar with exit 0 well within the chart's
   terminationGracePeriodSeconds; `podman diff` shows nothing written.
 
+And scripts/image from a clone at a path too long for a run root under it (podman's limit
+is 50 characters): the run root goes to a short path of the user's own, and one someone
+else made first there is refused.
+
 The build is cached between runs (warm: a few seconds); a cold store takes about two
 minutes (base image and Debian packages). Also here, needing no engine: hadolint on both
 container files, and the lock's agreement with pyproject.toml.
@@ -25,16 +29,18 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import re
 import secrets
 import shutil
+import stat
 import subprocess
 import sys
 import tarfile
 import time
 import tomllib
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -307,6 +313,176 @@ def test_sbom_lists_the_runtime_packages_at_the_lock_versions(built: Built) -> N
     # The Debian packages are there too (python3.11 among them).
     debs = {c["name"] for c in sbom["components"] if c.get("purl", "").startswith("pkg:deb/")}
     assert "python3.11" in debs
+
+
+# --- a clone at a long path (issue 20) --------------------------------------------------
+
+# podman refuses a run root over 50 characters; a store under this clone is far longer.
+DEEP = "a-rather-long-directory-name/for-the-clone/another-level/reditus-sidecar"
+# What is under test is scripts/image, not the Dockerfile (the `built` fixture builds that
+# one): the clone builds this small one of the same base, a RUN step included, in seconds
+# instead of the real one's minute of apt and pip in a fresh store.
+SMALL_DOCKERFILE = f"""\
+ARG BASE_IMAGE={BASE}
+FROM ${{BASE_IMAGE}}
+ARG VERSION=unknown
+RUN printf '%s\\n' "$VERSION" >/version
+"""
+
+
+class Clone:
+    """A clone of the repository with the working tree's scripts/image, and its own store."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.store = path / ".cache" / "containers" / "storage"
+        self.run_roots: set[Path] = set()
+
+    def image(
+        self, *args: str, env: dict[str, str] | None = None, timeout: float = 300
+    ) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(self.path / "scripts" / "image"), *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+            env=env,
+        )
+
+    def run_root(self, env: dict[str, str] | None = None) -> Path:
+        proc = self.image("podman", "info", "--format", "{{.Store.RunRoot}}", env=env)
+        assert proc.returncode == 0, proc.stderr
+        path = Path(proc.stdout.strip())
+        self.run_roots.add(path)
+        return path
+
+    def remove(self) -> None:
+        """The run roots (outside tmp_path) and the store (hundreds of MB) go with the test."""
+        if self.run_roots:
+            self.image("podman", "rm", "--all", "--force", timeout=120)
+        for path in self.run_roots:
+            remove_path(path)
+        shutil.rmtree(self.path / ".cache", ignore_errors=True)
+
+
+def identity(path: Path) -> tuple[int, ...]:
+    st = path.lstat()
+    return st.st_ino, st.st_mode, st.st_uid, st.st_gid, st.st_mtime_ns
+
+
+def remove_path(path: Path) -> None:
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.exists():
+        shutil.rmtree(path)
+
+
+@pytest.fixture
+def deep_clone(tmp_path: Path) -> Iterator[Clone]:
+    path = tmp_path / DEEP
+    path.parent.mkdir(parents=True)
+    # HEAD, plus this working tree's scripts/image (the one under test).
+    subprocess.run(
+        ["git", "clone", "--quiet", "--local", str(ROOT), str(path)],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    shutil.copy2(SCRIPT, path / "scripts" / "image")
+    clone = Clone(path)
+    assert len(str(clone.store.parent / "run")) > 50
+    try:
+        yield clone
+    finally:
+        clone.remove()
+
+
+@pytest.mark.image
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_image_builds_in_a_clone_at_a_long_path(
+    built: Built, deep_clone: Clone, tmp_path: Path
+) -> None:
+    """The store stays under the clone; podman's run root goes to a short path of its own,
+    0700, this user's, the same whatever the session (XDG_RUNTIME_DIR set or not)."""
+    clone = deep_clone
+    (clone.path / "deploy" / "container" / "Dockerfile").write_text(SMALL_DOCKERFILE)
+    # The stand-in base's root file system made for `built` (no mmdebstrap again).
+    base_cache = clone.path / ".cache" / "containers" / "base"
+    base_cache.mkdir(parents=True)
+    for rootfs in (ROOT / ".cache" / "containers" / "base").glob("*.tar"):
+        shutil.copy(rootfs, base_cache)
+    version = tomllib.loads((clone.path / "pyproject.toml").read_text())["project"]["version"]
+
+    proc = clone.image("--local-base")
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    image = f"localhost/reditus-sidecar:{version}"
+    assert proc.stdout.strip() == image
+
+    info = clone.image("podman", "info", "--format", "{{.Store.GraphRoot}}")
+    assert info.stdout.strip() == str(clone.store), info.stderr
+    run_root = clone.run_root()
+    assert len(str(run_root)) <= 50
+    assert not run_root.is_relative_to(clone.path)
+    st = run_root.lstat()
+    assert stat.S_ISDIR(st.st_mode)
+    assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (os.getuid(), 0o700)
+    env = {**os.environ, "XDG_RUNTIME_DIR": str(tmp_path)}
+    assert clone.run_root(env) == run_root
+    env = {k: v for k, v in os.environ.items() if k != "XDG_RUNTIME_DIR"}
+    assert clone.run_root(env) == run_root
+
+    # A container of the image runs from that store (conmon's sockets in the run root).
+    out = clone.image("podman", "run", "--rm", "--network", "none", image, "cat", "/version")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == version
+
+
+@pytest.mark.image
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_image_refuses_a_run_root_it_did_not_make(deep_clone: Clone, tmp_path: Path) -> None:
+    """On a shared machine someone could make the run root's path first: scripts/image
+    uses it only as a directory of this user with mode 0700, and never runs podman in it."""
+    clone = deep_clone
+    run_root = clone.run_root()
+    shutil.rmtree(run_root)  # a fresh store: nothing runs; as after a reboot
+    ours = tmp_path / "elsewhere"
+    ours.mkdir(mode=0o700)
+
+    def directory(mode: int, owner: int = os.getuid()) -> Callable[[Path], object]:
+        return lambda p: (p.mkdir(), p.chmod(mode), os.chown(p, owner, owner))
+
+    plants: dict[str, Callable[[Path], object]] = {
+        "mode 0755": directory(0o755),
+        "mode 0750": directory(0o750),
+        "mode 0701": directory(0o701),
+        "a symlink to a directory 0700 of ours": lambda p: p.symlink_to(ours),
+        "a file": lambda p: p.write_text(""),
+    }
+    if os.getuid() == 0:  # only root can give a directory away
+        plants["another user's, 0700"] = directory(0o700, owner=65534)
+    for what, plant in plants.items():
+        plant(run_root)
+        try:
+            before = identity(run_root)
+            proc = clone.image("podman", "info")
+            assert proc.returncode != 0, what
+            assert f"refusing the run root {run_root}" in proc.stderr, (what, proc.stderr)
+            assert proc.stdout == "", what
+            # Left as it was found: podman never ran in it.
+            assert identity(run_root) == before, what
+            if run_root.is_dir() and not run_root.is_symlink():
+                assert list(run_root.iterdir()) == [], what
+        finally:
+            remove_path(run_root)
+    assert list(ours.iterdir()) == []
+    # Gone, it is made again, and used.
+    assert clone.run_root() == run_root
+    st = run_root.lstat()
+    assert stat.S_ISDIR(st.st_mode)
+    assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (os.getuid(), 0o700)
 
 
 # --- the pod --------------------------------------------------------------------------
