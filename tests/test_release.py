@@ -7,7 +7,9 @@
 - pyproject's version, the chart's version and appVersion, `sidecar.__version__` (what
   `reditus_sidecar_build_info{version}` reports) and the image tag agree, and the release
   workflow refuses a tag that is not that version;
-- the release workflow pushes the image under the name the chart uses by default;
+- the release workflow pushes the image under the name the chart uses by default, and
+  publishes the wheel and sdist to PyPI by trusted publishing (an OIDC token, no stored
+  secret) from a job of its own: only that job and the image signing job get id-token: write;
 - scripts/release-notes prints exactly one CHANGELOG.md section;
 - each tool, given a broken input, does fail (so a clean run means something).
 """
@@ -95,6 +97,7 @@ def test_workflows_are_actionlint_clean() -> None:
         (('cosign sign --yes "$IMAGE@$DIGEST"', "cosign sign --yes $IMAGE@$DIGEST"), "SC2086"),
         # a job depending on one that does not exist
         (("needs: [verify, image, chart]", "needs: [verify, image, charts]"), "charts"),
+        (("needs: [verify, python-dist]", "needs: [verify, python-dists]"), "python-dists"),
     ],
 )
 def test_actionlint_fails_on_a_broken_copy(
@@ -124,6 +127,10 @@ def test_actions_are_pinned_by_commit_sha_with_their_release(path: Path) -> None
         assert re.search(rf"uses: {re.escape(ref)} # v\d", text), f"{ref}: no '# vX.Y.Z' comment"
 
 
+# The jobs that get an OIDC token (id-token: write), and what for.
+OIDC_JOBS = {"image": "keyless signing with cosign", "pypi": "PyPI trusted publishing"}
+
+
 @pytest.mark.parametrize("path", [CI_WORKFLOW, RELEASE_WORKFLOW], ids=lambda p: p.name)
 def test_permissions_are_least_privilege_per_job(path: Path) -> None:
     flow = workflow(path)
@@ -134,12 +141,15 @@ def test_permissions_are_least_privilege_per_job(path: Path) -> None:
     for name, granted in grants.items():
         assert granted.get("contents") in (None, "read") or name == "github-release", name
         if "id-token" in granted:
-            assert name == "image", f"{name}: only the signing job gets an OIDC token"
+            assert name in OIDC_JOBS, f"{name}: only {sorted(OIDC_JOBS)} get an OIDC token"
     if path == RELEASE_WORKFLOW:
         assert grants["image"] == {"contents": "read", "packages": "write", "id-token": "write"}
         assert grants["chart"] == {"contents": "read", "packages": "write"}
         assert grants["github-release"] == {"contents": "write"}
         assert grants["verify"] == {"contents": "read"}
+        # The build runs pip and the build backend: no token of any kind beside it.
+        assert grants["python-dist"] == {"contents": "read"}
+        assert grants["pypi"] == {"id-token": "write"}
 
 
 def test_ci_runs_the_readme_test_command() -> None:
@@ -170,9 +180,39 @@ def test_release_runs_on_version_tags_and_checks_the_tag_before_anything_is_push
     assert 'scripts/release-notes --tag "$TAG"' in verify_runs
     tag_env = [s["env"]["TAG"] for s in jobs["verify"]["steps"] if "TAG" in s.get("env", {})]
     assert tag_env == ["${{ github.ref_name }}"]
-    for name in ("image", "chart", "github-release"):
+    for name in ("image", "chart", "github-release", "python-dist", "pypi"):
         needs = jobs[name]["needs"]
         assert "verify" in ([needs] if isinstance(needs, str) else needs), name
+
+
+def test_release_publishes_the_python_package_by_trusted_publishing() -> None:
+    text = RELEASE_WORKFLOW.read_text()
+    jobs = workflow(RELEASE_WORKFLOW)["jobs"]
+    build, publish = jobs["python-dist"], jobs["pypi"]
+    # Built after the version check, from the tagged tree, isolated, and checked.
+    runs = "\n".join(s.get("run", "") for s in build["steps"])
+    assert '"$RUNNER_TEMP/build-venv/bin/python" -m build --outdir dist .' in runs
+    assert 'twine" check --strict dist/*' in runs
+    assert 'reditus_sidecar-$VERSION-py3-none-any.whl"' in runs
+    (upload,) = [s for s in build["steps"] if "upload-artifact@" in s.get("uses", "")]
+    assert upload["with"]["name"] == "python-dist"
+    assert upload["with"]["path"] == "dist/"
+    # Published from a job that only downloads those files and uploads them.
+    assert publish["needs"] == ["verify", "python-dist"]
+    assert publish["environment"]["name"] == "pypi"
+    name = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["name"]
+    assert publish["environment"]["url"].startswith(f"https://pypi.org/project/{name}/")
+    uses = [s["uses"] for s in publish["steps"]]
+    assert len(uses) == len(publish["steps"]) == 2, "no run: steps next to the OIDC token"
+    download, action = publish["steps"]
+    assert download["uses"].startswith("actions/download-artifact@")
+    assert download["with"] == {"name": "python-dist", "path": "dist/"}
+    assert action["uses"].startswith("pypa/gh-action-pypi-publish@")
+    assert PINNED.match(action["uses"]), "pin the publish action by full commit SHA"
+    assert action["with"] == {"packages-dir": "dist/"}
+    # Trusted publishing: no password or API token is stored or passed.
+    assert "secrets." not in json.dumps(publish)
+    assert not re.search(r"secrets\.\w*(PYPI|TWINE)", text, re.IGNORECASE)
 
 
 def test_release_builds_both_platforms_from_the_dockerfile_signs_and_attests() -> None:
@@ -380,9 +420,10 @@ def test_this_version_can_be_released() -> None:
 
 
 def test_license_is_the_apache_2_0_text() -> None:
-    assert tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["license"] == {
-        "text": "Apache-2.0"
-    }
+    # PEP 639: an SPDX expression and the file (tests/test_package.py reads the metadata).
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert project["license"] == "Apache-2.0"
+    assert project["license-files"] == ["LICENSE"]
     text = (ROOT / "LICENSE").read_text()
     assert text.split()[:4] == ["Apache", "License", "Version", "2.0,"]
     for part in (
