@@ -26,6 +26,7 @@ from .audit import AuditLog
 from .callers import CallerPolicy, caller_of
 from .config import DEFAULT_PRODUCT
 from .errors import SourceError
+from .listener import ALLOW_LIST
 from .metrics import ENDPOINTS, ERROR_REASONS, Metrics
 from .signer import RemoteSigner, TokenSigner
 from .state import SecretStore
@@ -461,4 +462,6 @@ def create_api_app(
     app.router.add_route("*", TOKEN_PATH, handler.handle)
     app.router.add_route("*", "/{tail:.*}", handler.handle)
     app[TOKEN_HANDLER] = handler
+    if callers is not None:
+        app[ALLOW_LIST] = callers  # the listener keeps allowed callers' connections first
     return app

@@ -5,27 +5,47 @@ request head and for idle keep-alive, and its own counters. Malformed HTTP is an
 with a JSON error, counted, and logged as one fixed, rate-limited line: aiohttp's own
 handling would log a traceback quoting the raw request bytes (user ids included).
 
-A full listener closes its oldest connection that is not in a request (idle keep-alive,
-or still sending its head) to admit a new one: a plain refusal would let a flood of idle
-connections lock kubelet's probes (or the app) out. Only when every connection is in a
-request is the new one closed at once.
+A full listener closes an idle connection to admit a new one: a plain refusal would let a
+flood of idle connections lock kubelet's probes (or the app) out. On the ops listener that
+is its oldest connection not in a handler (idle keep-alive, or still sending its head).
+The signing listeners tell callers apart (the uid the kernel names at connect), because any
+local user can reach them:
+
+- a connection holding request bytes (received since its last answer, or waiting unread in
+  the kernel) is never closed to make room, only an idle keep-alive one, or one whose head
+  is past its deadline;
+- the victim comes from the caller holding the most connections, never from one holding
+  no more than the newcomer's caller (its own oldest idle one aside);
+- with an allow-list, an allowed caller's connection is never closed for an unlisted (or
+  unidentified) newcomer, which is refused instead; an allowed newcomer may close any
+  unlisted connection not in a handler (its request could only be refused);
+- once the listener is full, a caller the allow-list does not name (anyone, without a
+  list) holding CALLER_SHARE of it or more only replaces its own idle connections: it
+  cannot keep others out, while an app alone may still use the whole listener.
+
+Only when no connection may go is the new one closed at once.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import fcntl
 import logging
 import resource
 import socket
+import sys
+import termios
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from aiohttp import web
+from aiohttp import hdrs, web
+from aiohttp.http import HttpVersion11
 from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
 
-from .callers import Caller, TcpPeers, identify
+from .callers import Caller, CallerPolicy, TcpPeers, identify
 from .metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -36,9 +56,20 @@ MAX_LINE_SIZE = 4096  # request line, bytes
 MAX_FIELD_SIZE = 4096  # each header name and value, bytes
 MAX_HEADERS = 24
 PROTOCOL_LOG_INTERVAL = 10.0  # at most one protocol-error line per listener this often
-#: error codes of requests the HTTP parser refuses, on every listener
-PROTOCOL_ERROR_CODES = ("malformed_request", "headers_too_large")
+#: error codes of requests refused before routing, on every listener
+PROTOCOL_ERROR_CODES = ("malformed_request", "headers_too_large", "expectation_failed")
 FD_RESERVE = 64  # descriptors kept for Vault connections, files and the resolver
+#: the share of a full signing listener's connections past which a caller (one uid; every
+#: peer the kernel could not name counts as one) unless the allow-list names it may only
+#: replace its own idle connections: one local user cannot keep the others out
+CALLER_SHARE = 0.5
+#: the signing app's allow-list, which its listener also admits connections by
+ALLOW_LIST = web.AppKey("allow_list", CallerPolicy)
+
+_RequestHandler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
+#: whom a connection counts against: the peer's uid (None: unidentified) and whether the
+#: allow-list names it
+_Bucket = tuple[int | None, bool]
 
 
 @dataclass(frozen=True)
@@ -52,11 +83,22 @@ class Limits:
     #: after an early answer (413, 408), how long the rest of the body is read and dropped
     lingering_time: float
     backlog: int = 128
+    #: the share of max_connections one caller may hold; None: callers are not told apart
+    #: (the ops listener, whose peers are all over the cluster)
+    caller_share: float | None = None
+
+    @property
+    def max_per_caller(self) -> int | None:
+        if self.caller_share is None:
+            return None
+        return max(1, int(self.max_connections * self.caller_share))
 
 
 OPS_LIMITS = Limits(max_connections=32, idle_timeout=5.0, lingering_time=0.0)
 #: shared by the signing listeners (TCP and unix socket split it evenly)
-SIGNING_LIMITS = Limits(max_connections=256, idle_timeout=10.0, lingering_time=2.0)
+SIGNING_LIMITS = Limits(
+    max_connections=256, idle_timeout=10.0, lingering_time=2.0, caller_share=CALLER_SHARE
+)
 
 
 def raise_fd_limit() -> int:
@@ -106,8 +148,33 @@ class _ProtocolErrorLog:
             self._last = now
 
 
+class NotHttp11(BadHttpMessage):
+    """A request the parser took that is not HTTP/1.1 (HTTP/1.0): refused like malformed."""
+
+    def __init__(self) -> None:
+        super().__init__("not HTTP/1.1")
+
+
+class UnmetExpectation(Exception):
+    """An Expect header asking for anything but 100-continue."""
+
+
+def _refusal(request: web.BaseRequest) -> Exception | None:
+    """Why a parsed request is refused before routing: not HTTP/1.1, or an Expect other
+    than 100-continue (aiohttp would answer it with a plain-text 417)."""
+    if request.version != HttpVersion11:
+        return NotHttp11()
+    expect = request.headers.getall(hdrs.EXPECT, ())
+    # aiohttp acts on the first value unless it is empty: only "" and 100-continue pass it.
+    if any(value.lower() not in ("", "100-continue") for value in expect):
+        return UnmetExpectation()
+    return None
+
+
 def _protocol_error(exc: BaseException | None) -> tuple[int, str, str]:
-    """Status, code and a fixed message for an error aiohttp's parser raised."""
+    """Status, code and a fixed message for a request refused before routing."""
+    if isinstance(exc, UnmetExpectation):
+        return 417, "expectation_failed", "the only expectation supported is Expect: 100-continue"
     if isinstance(exc, LineTooLong) or (
         isinstance(exc, BadHttpMessage) and "Too many headers" in exc.message
     ):
@@ -120,6 +187,9 @@ def _protocol_error(exc: BaseException | None) -> tuple[int, str, str]:
     return 400, "malformed_request", "the request is not valid HTTP/1.1"
 
 
+_FIONREAD_BUFFER = bytes(4)
+
+
 class _BoundedHandler(web.RequestHandler):
     """aiohttp's per-connection protocol, admitted by its listener and answering errors in JSON."""
 
@@ -129,6 +199,9 @@ class _BoundedHandler(web.RequestHandler):
         self._admitted = False
         #: the peer as the kernel names it, read once at connect (None: not identified)
         self.caller: Caller | None = None
+        #: request bytes received since the last answer (a request not finished)
+        self._holding = False
+        self._received = 0  # data_received calls with bytes, to see any during an answer
 
     @property
     def in_request(self) -> bool:
@@ -136,13 +209,41 @@ class _BoundedHandler(web.RequestHandler):
         its graceful shutdown waits on)."""
         return self._request_in_progress
 
+    @property
+    def holding(self) -> bool:
+        """Request bytes were received since the last answer."""
+        return self._holding
+
+    def idle(self, now: float) -> bool:
+        """Whether closing this connection loses no request: not in a handler, and no
+        request bytes received since its last answer nor waiting unread in the kernel; or
+        its head is past its deadline (aiohttp is about to close it) with none parsed."""
+        if self._request_in_progress:
+            return False
+        if self._holding:
+            return now >= self._next_keepalive_close_time and not self._messages
+        return self._unread() == 0
+
+    def _unread(self) -> int:
+        """Bytes the kernel holds for this connection that the loop has not read yet: in a
+        burst, connections are admitted before their first read."""
+        transport = self.transport
+        sock = None if transport is None else transport.get_extra_info("socket")
+        if sock is None:
+            return 0
+        try:
+            raw = fcntl.ioctl(sock.fileno(), termios.FIONREAD, _FIONREAD_BUFFER)
+        except (OSError, ValueError):
+            return 0
+        return int.from_bytes(raw, sys.byteorder)
+
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self._listener.identify:  # before admission: a caller's connections count
+            self.caller = identify(transport.get_extra_info("socket"), self._listener.tcp_peers)
         if not self._listener.admit(self):
             transport.close()
             return
         self._admitted = True
-        if self._listener.identify:
-            self.caller = identify(transport.get_extra_info("socket"), self._listener.tcp_peers)
         super().connection_made(transport)
 
     def connection_lost(self, exc: BaseException | None) -> None:
@@ -150,6 +251,39 @@ class _BoundedHandler(web.RequestHandler):
             self._admitted = False
             self._listener.release(self)
             super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if data:
+            self._holding = True
+            self._received += 1
+        super().data_received(data)
+
+    async def finish_response(
+        self, request: web.BaseRequest, resp: web.StreamResponse, start_time: float | None
+    ) -> tuple[web.StreamResponse, bool]:
+        received = self._received
+        result = await super().finish_response(request, resp, start_time)
+        # Idle again unless bytes came while answering (the next request, or the rest of
+        # this body) or a pipelined request waits.
+        if self._received == received and not self._messages:
+            self._holding = False
+        return result
+
+    async def _handle_request(
+        self,
+        request: web.BaseRequest,
+        start_time: float | None,
+        request_handler: _RequestHandler,
+    ) -> tuple[web.StreamResponse, bool]:
+        if request_handler is self._request_handler:  # not a parser error already
+            refusal = _refusal(request)
+            if refusal is not None:
+
+                async def refuse(request: web.BaseRequest) -> web.StreamResponse:
+                    return self.handle_error(request, 400, refusal)
+
+                request_handler = refuse
+        return await super()._handle_request(request, start_time, request_handler)
 
     def handle_error(
         self,
@@ -170,6 +304,11 @@ class _BoundedHandler(web.RequestHandler):
             status, code, text = _protocol_error(exc)
         if request.writer.output_size > 0:
             raise ConnectionError("response already started; closing the connection")
+        # The status line repeats the request's version: aiohttp's stand-in for a request
+        # it could not parse says HTTP/1.0, and an HTTP/1.0 request is refused. Answer as
+        # the HTTP/1.1 server this is (which also sends Connection: close).
+        request._version = HttpVersion11
+        request._cache.pop("version", None)  # read (and cached) by the version check
         response = web.json_response(
             {"error": {"code": code, "message": text}},
             status=status,
@@ -188,13 +327,17 @@ class Listener:
         self.name = name
         self.runner_server = runner.server
         self.limits = limits
+        #: callers whose connections the listener keeps over unlisted ones (signing only)
+        self.allow_list = runner.app.get(ALLOW_LIST)
         self.protocol_errors = _ProtocolErrorLog(name, metrics)
         self._refused = metrics.http_connections_refused.labels(listener=name)
         self._evicted = metrics.http_connections_evicted.labels(listener=name)
-        self._open: dict[_BoundedHandler, None] = {}  # in order of arrival
+        self._open: dict[_BoundedHandler, _Bucket] = {}  # in order of arrival
+        self._buckets: dict[_Bucket, dict[_BoundedHandler, None]] = {}  # the same, by caller
         metrics.http_connections.labels(listener=name).set_function(lambda: len(self._open))
         self._server: asyncio.Server | None = None
-        #: identify each connection's peer (always on the unix socket; on TCP when asked)
+        #: identify each connection's peer (always on the unix socket; on TCP when asked,
+        #: or when connections are counted per caller)
         self.identify = False
         self.tcp_peers = TcpPeers()
         self._handler_args: dict[str, Any] = {
@@ -210,26 +353,70 @@ class Listener:
     def _protocol(self) -> _BoundedHandler:
         return _BoundedHandler(self, **self._handler_args)
 
+    def _bucket(self, caller: Caller | None) -> _Bucket:
+        allowed = self.allow_list is not None and self.allow_list.allows(caller)
+        return (None if caller is None else caller.uid, allowed)
+
     def admit(self, handler: _BoundedHandler) -> bool:
         """Whether a new connection may stay; may close an idle one to make room."""
-        if len(self._open) >= self.limits.max_connections:
-            victim = next((h for h in self._open if not h.in_request), None)
+        per_caller = self.limits.max_per_caller
+        bucket = self._bucket(handler.caller)
+        victim: _BoundedHandler | None = None
+        if per_caller is None:
+            if len(self._open) >= self.limits.max_connections:
+                victim = next((h for h in self._open if not h.in_request), None)
+                if victim is None:
+                    return self._refuse()
+        elif len(self._open) >= self.limits.max_connections:
+            # Full: a caller past its share only replaces its own idle connections; one
+            # below it takes an idle connection of the caller holding the most. Below the
+            # cap nobody is held to a share: an app alone may use the whole listener.
+            over_share = not bucket[1] and len(self._buckets.get(bucket, ())) >= per_caller
+            victim = self._victim(bucket, own_only=over_share)
             if victim is None:
-                self._refused.inc()
-                return False
+                return self._refuse()
+        if victim is not None:
             self.release(victim)
             victim.force_close()
             self._evicted.inc()
-        self._open[handler] = None
+        self._open[handler] = bucket
+        self._buckets.setdefault(bucket, {})[handler] = None
         return True
 
+    def _refuse(self) -> bool:
+        self._refused.inc()
+        return False
+
+    def _victim(self, newcomer: _Bucket, *, own_only: bool = False) -> _BoundedHandler | None:
+        """The connection to close for a newcomer of caller `newcomer`, or None."""
+        now = asyncio.get_running_loop().time()
+        held = len(self._buckets.get(newcomer, ()))
+        # unlisted callers first, then the caller holding the most connections
+        for bucket, members in sorted(self._buckets.items(), key=lambda b: (b[0][1], -len(b[1]))):
+            unlisted_for_allowed = newcomer[1] and not bucket[1]
+            if bucket != newcomer:
+                if own_only or (bucket[1] and not newcomer[1]):
+                    continue
+                if not unlisted_for_allowed and len(members) <= held:
+                    continue
+            for handler in members:
+                if (unlisted_for_allowed and not handler.in_request) or handler.idle(now):
+                    return handler
+        return None
+
     def release(self, handler: _BoundedHandler) -> None:
-        self._open.pop(handler, None)
+        bucket = self._open.pop(handler, None)
+        if bucket is not None:
+            members = self._buckets[bucket]
+            del members[handler]
+            if not members:
+                del self._buckets[bucket]
 
     async def start_tcp(self, host: str, port: int, *, identify: bool = False) -> None:
-        """Listen on TCP; `identify` looks each peer's uid up (inet_diag, once per connection)."""
+        """Listen on TCP; `identify` looks each peer's uid up (inet_diag, once per connection),
+        as do per-caller limits."""
         loop = asyncio.get_running_loop()
-        self.identify = identify
+        self.identify = identify or self.limits.caller_share is not None
         self._server = await loop.create_server(
             self._protocol, host, port, backlog=self.limits.backlog, reuse_address=True
         )
@@ -239,6 +426,16 @@ class Listener:
         loop = asyncio.get_running_loop()
         self.identify = True
         self._server = await loop.create_unix_server(self._protocol, sock=sock)
+
+    async def start_passed(self, sock: socket.socket, *, identify: bool) -> None:
+        """Serve on a TCP socket systemd bound and passed (socket activation); peers are
+        identified as on a socket of our own."""
+        loop = asyncio.get_running_loop()
+        self.identify = identify or self.limits.caller_share is not None
+        sock.setblocking(False)
+        self._server = await loop.create_server(
+            self._protocol, sock=sock, backlog=self.limits.backlog
+        )
 
     @property
     def address(self) -> str:

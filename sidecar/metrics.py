@@ -141,7 +141,7 @@ class Metrics:
         )
         self.http_connections_refused = Counter(
             "reditus_sidecar_http_connections_refused",
-            "New connections closed at once: the listener was full, every connection busy.",
+            "New connections closed at once: the listener was full and none could make room.",
             ["listener"],
             registry=registry,
         )
@@ -153,7 +153,7 @@ class Metrics:
         )
         self.http_protocol_errors = Counter(
             "reditus_sidecar_http_protocol_errors",
-            "Requests refused before routing: malformed HTTP, or headers over the limits.",
+            "Requests refused before routing: malformed HTTP, headers over the limits, Expect.",
             ["listener"],
             registry=registry,
         )

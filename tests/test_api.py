@@ -24,6 +24,7 @@ from sidecar.api import TOKEN_HANDLER, create_api_app
 from sidecar.audit import AuditLog
 from sidecar.callers import Caller, CallerPolicy
 from sidecar.errors import SourceError
+from sidecar.listener import ALLOW_LIST
 from sidecar.metrics import Metrics
 from sidecar.redact import Redacted
 from sidecar.signer import RemoteSigner, TokenSigner
@@ -710,6 +711,9 @@ class _Audit:
         done.set_result(self.result)
         return done
 
+    async def recorded(self, pending: asyncio.Future[bool]) -> bool:
+        return await pending
+
 
 @pytest.mark.parametrize("check_host", [True, False], ids=["tcp", "unix"])
 @pytest.mark.parametrize("result", [None, True], ids=["open", "closed-written"])
@@ -788,6 +792,13 @@ async def test_the_allow_list_names_the_refused_caller(
         await expect_error(await client.get("/v1/token"), 405, "method_not_allowed")
         response = await client.post("/v1/token", json={"userId": "u"})
         await expect_error(response, 403, "caller_not_allowed")
+
+
+def test_the_app_hands_its_allow_list_to_its_listener(registry: CollectorRegistry) -> None:
+    """The listener keeps allowed callers' connections over others' (sidecar/listener.py)."""
+    policy = CallerPolicy(frozenset({7}), frozenset({8}))
+    assert build(registry, callers=policy)[ALLOW_LIST] is policy
+    assert ALLOW_LIST not in build(CollectorRegistry())
 
 
 class _Transit(RemoteSigner):

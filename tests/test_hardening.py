@@ -7,6 +7,7 @@ Bounded in examples and connections; no assertion on how fast anything is.
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import signal
 from collections.abc import Iterator
@@ -81,7 +82,9 @@ def test_openapi_documents_every_error_code() -> None:
     codes = spec["components"]["schemas"]["Error"]["properties"]["error"]["properties"]["code"]
     assert set(codes["enum"]) == set(ERROR_REASONS) | set(PROTOCOL_ERROR_CODES)
     statuses = set(spec["paths"]["/v1/token"]["post"]["responses"])
-    assert statuses == {"200", "400", "403", "404", "405", "408", "413", "415", "431", "503"}
+    assert statuses == {
+        "200", "400", "403", "404", "405", "408", "413", "415", "417", "431", "503"
+    }  # fmt: skip
     readme = (ROOT / "README.md").read_text()
     for code in ERROR_REASONS + PROTOCOL_ERROR_CODES:
         if code != "internal":
@@ -222,14 +225,24 @@ async def _burst(host: str, port: int, count: int) -> list[int | None]:
 
 
 def test_connections_up_to_the_cap_are_all_served(sidecar: SidecarProcess) -> None:
+    """Below the cap nobody is held to a share: one caller (the app) may fill the listener."""
     host, port = sidecar.api_url.removeprefix("http://").split(":")
     count = SIGNING_LIMITS.max_connections - 6
     assert asyncio.run(_burst(host, int(port), count)) == [200] * count
 
 
+def test_an_allowed_caller_is_served_up_to_the_cap(tmp_path: Path) -> None:
+    """The callers an allow-list names are held to no share: the app may fill the listener."""
+    with start_sidecar(tmp_path, REDITUS_SIDECAR_ALLOWED_UIDS=str(os.getuid())) as sidecar:
+        host, port = sidecar.api_url.removeprefix("http://").split(":")
+        count = SIGNING_LIMITS.max_connections - 6
+        assert asyncio.run(_burst(host, int(port), count)) == [200] * count
+
+
 def test_a_burst_past_the_cap_is_shed_and_counted(sidecar: SidecarProcess) -> None:
-    """Beyond the cap, connections not yet in a request are closed (oldest first) or new
-    ones refused; every one closed is counted, every answer is a valid token."""
+    """Beyond the cap, the caller's own idle connections (no request bytes yet) are closed,
+    oldest first, or new ones refused; every one closed is counted, every answer is a valid
+    token."""
     host, port = sidecar.api_url.removeprefix("http://").split(":")
 
     def shed() -> float:

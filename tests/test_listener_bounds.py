@@ -270,3 +270,96 @@ def test_ops_connections_that_stall_or_idle_are_closed_by_the_server(
     stalled_rest, idle_rest = asyncio.run(run())
     assert stalled_rest == b""  # closed without an answer: no request was ever made
     assert idle_rest == b""
+
+
+async def exchange(url: str, raw: bytes) -> bytes:
+    """Send `raw` on a new connection; all the server says until it closes."""
+    reader, writer = await asyncio.open_connection(*host_port(url))
+    writer.write(raw)
+    try:
+        return await asyncio.wait_for(reader.read(), 10)
+    finally:
+        writer.close()
+
+
+def signing_request(version: bytes = b"HTTP/1.1", extra: bytes = b"") -> bytes:
+    body = json.dumps({"userId": USER_ID}).encode()
+    return (
+        b"POST /v1/token " + version + b"\r\nHost: 127.0.0.1\r\n"
+        b"Content-Type: application/json\r\nX-Sidecar-Request: true\r\n"
+        b"Content-Length: %d\r\n" % len(body) + extra + b"\r\n" + body
+    )
+
+
+def error_of(answer: bytes) -> tuple[bytes, bytes, str]:
+    """Status line, Connection header and error code of a JSON error answer."""
+    head, _, body = answer.partition(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    connection = next(
+        (
+            line.split(b":", 1)[1].strip()
+            for line in lines
+            if line.lower().startswith(b"connection:")
+        ),
+        b"",
+    )
+    return lines[0], connection, json.loads(body)["error"]["code"]
+
+
+def test_http_1_0_is_refused_on_every_listener(sidecar: SidecarProcess) -> None:
+    """The README: anything but HTTP/1.1 gets 400 malformed_request, before routing.
+    Kubelet and Prometheus speak HTTP/1.1, so the ops listener refuses 1.0 too."""
+    for url, raw in (
+        (sidecar.api_url, signing_request(b"HTTP/1.0")),
+        (sidecar.metrics_url, b"GET /healthz HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n"),
+    ):
+        answer = asyncio.run(exchange(url, raw))
+        assert error_of(answer) == (b"HTTP/1.1 400 Bad Request", b"close", "malformed_request")
+        assert b"eyJ" not in answer  # no token
+    healthy_and_signing(sidecar)
+
+
+def test_parser_refusals_answer_in_http_1_1_and_close(sidecar: SidecarProcess) -> None:
+    long_field = b"X-Long: " + b"b" * (MAX_FIELD_SIZE + 1) + b"\r\n"
+    for url in (sidecar.metrics_url, sidecar.api_url):
+        for raw, status, code in (
+            (b"GARBAGE\r\n\r\n", b"400 Bad Request", "malformed_request"),
+            (
+                signing_request(extra=long_field),
+                b"431 Request Header Fields Too Large",
+                "headers_too_large",
+            ),
+        ):
+            answer = asyncio.run(exchange(url, raw))
+            assert error_of(answer) == (b"HTTP/1.1 " + status, b"close", code)
+
+
+def test_an_unmet_expectation_is_a_json_417_and_100_continue_still_signs(
+    sidecar: SidecarProcess,
+) -> None:
+    before = counter(sidecar, "http_protocol_errors", "signing")
+    for url in (sidecar.api_url, sidecar.metrics_url):
+        answer = asyncio.run(exchange(url, signing_request(extra=b"Expect: bogus\r\n")))
+        assert error_of(answer) == (
+            b"HTTP/1.1 417 Expectation Failed",
+            b"close",
+            "expectation_failed",
+        )
+    assert counter(sidecar, "http_protocol_errors", "signing") - before == 1
+
+    async def continued() -> tuple[bytes, bytes]:
+        reader, writer = await asyncio.open_connection(*host_port(sidecar.api_url))
+        raw = signing_request(extra=b"Expect: 100-continue\r\nConnection: close\r\n")
+        head, _, body = raw.partition(b"\r\n\r\n")
+        writer.write(head + b"\r\n\r\n")
+        interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        writer.write(body)  # only once the sidecar asked for it
+        try:
+            return interim, await asyncio.wait_for(reader.read(), 10)
+        finally:
+            writer.close()
+
+    interim, answer = asyncio.run(continued())
+    assert interim == b"HTTP/1.1 100 Continue\r\n\r\n"
+    assert answer.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert json.loads(answer.partition(b"\r\n\r\n")[2])["token"].startswith("eyJ")

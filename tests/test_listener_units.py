@@ -22,8 +22,10 @@ from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
 from prometheus_client import CollectorRegistry
 
 from sidecar import listener as listener_module
-from sidecar.callers import caller_of
+from sidecar.callers import Caller, CallerPolicy, caller_of
 from sidecar.listener import (
+    ALLOW_LIST,
+    CALLER_SHARE,
     MAX_FIELD_SIZE,
     MAX_HEADERS,
     MAX_LINE_SIZE,
@@ -64,8 +66,11 @@ async def serving(
     limits: Limits = OPS_LIMITS,
     registry: CollectorRegistry | None = None,
     extra: tuple[str, Any] | None = None,
+    allow: CallerPolicy | None = None,
 ) -> AsyncIterator[tuple[Listener, str, int]]:
     app = web.Application()
+    if allow is not None:
+        app[ALLOW_LIST] = allow
     if extra is not None:
         app.router.add_get(*extra)
     app.router.add_get("/whoami", whoami)
@@ -119,8 +124,17 @@ def test_the_documented_limits() -> None:
     """The caps the README and the chart's sizing rely on."""
     assert (MAX_LINE_SIZE, MAX_FIELD_SIZE, MAX_HEADERS) == (4096, 4096, 24)
     assert Limits(max_connections=32, idle_timeout=5.0, lingering_time=0.0) == OPS_LIMITS
-    assert Limits(max_connections=256, idle_timeout=10.0, lingering_time=2.0) == SIGNING_LIMITS
+    assert (
+        Limits(max_connections=256, idle_timeout=10.0, lingering_time=2.0, caller_share=0.5)
+        == SIGNING_LIMITS
+    )
+    assert CALLER_SHARE == 0.5
     assert OPS_LIMITS.backlog == SIGNING_LIMITS.backlog == 128
+    # a caller may hold half of each signing listener's share; the ops listener counts none
+    assert (SIGNING_LIMITS.max_per_caller, OPS_LIMITS.max_per_caller) == (128, None)
+    assert signing_limits(1 << 20, 2).max_per_caller == 64
+    assert Limits(3, 1.0, 0.0, caller_share=0.5).max_per_caller == 1  # rounded down
+    assert Limits(1, 1.0, 0.0, caller_share=0.5).max_per_caller == 1  # never below 1
     assert listener_module.PROTOCOL_LOG_INTERVAL == 10.0
     with pytest.raises(dataclasses.FrozenInstanceError):
         OPS_LIMITS.max_connections = 1000  # type: ignore[misc]
@@ -241,9 +255,17 @@ async def test_headers_are_limited_to_exactly_max_headers() -> None:
 
 
 class FakeHandler:
-    def __init__(self, in_request: bool) -> None:
+    """A connection as the listener sees it: its caller, whether a handler runs for it and
+    whether it holds request bytes."""
+
+    def __init__(self, in_request: bool = False, *, uid: int | None = None) -> None:
         self.in_request = in_request
+        self.holding = False
+        self.caller = None if uid is None else Caller(uid=uid, gid=None, pid=None)
         self.closed = False
+
+    def idle(self, _now: float) -> bool:
+        return not self.in_request and not self.holding
 
     def force_close(self) -> None:
         self.closed = True
@@ -322,6 +344,228 @@ async def test_a_listener_full_of_requests_refuses_the_next_connection() -> None
     assert errors == []
 
 
+# --- who may take a full signing listener's place ----------------------------------------
+
+APP, ATTACKER, OTHER = 1001, 1002, 1003
+
+
+def signing_like(cap: int, share: float = CALLER_SHARE) -> Limits:
+    return Limits(cap, 60.0, 0.0, caller_share=share)
+
+
+def admit_all(listener: Listener, *handlers: FakeHandler) -> None:
+    for handler in handlers:
+        assert listener.admit(handler)  # type: ignore[arg-type]
+
+
+async def test_an_allowed_callers_connection_is_never_closed_for_an_unlisted_one() -> None:
+    registry = CollectorRegistry()
+    allow = CallerPolicy(frozenset({APP}), frozenset())
+    async with serving(signing_like(4), registry, allow=allow) as (listener, _host, _port):
+        app = [FakeHandler(uid=APP), FakeHandler(uid=APP)]  # idle keep-alive, the oldest
+        attacker = [FakeHandler(uid=ATTACKER), FakeHandler(uid=OTHER)]
+        admit_all(listener, *app, *attacker)
+        for handler in attacker:
+            handler.holding = True  # sending a head: not to be closed for another
+        for newcomer in (FakeHandler(uid=OTHER), FakeHandler(uid=None), FakeHandler(uid=7)):
+            assert not listener.admit(newcomer)  # type: ignore[arg-type]
+        assert not any(h.closed for h in app + attacker)
+        assert sample(registry, "http_connections_refused_total") == 3
+        assert sample(registry, "http_connections_evicted_total") == 0
+        # an unlisted newcomer may take an unlisted caller's idle connection, never the app's
+        attacker[0].holding = False
+        assert listener.admit(FakeHandler(uid=7))  # type: ignore[arg-type]
+        assert [h.closed for h in app + attacker] == [False, False, True, False]
+        assert sample(registry, "http_connections_evicted_total") == 1
+
+
+async def test_an_allowed_newcomer_takes_an_unlisted_connection_not_in_a_handler() -> None:
+    """Even one holding request bytes: an unlisted caller's request can only be refused."""
+    registry = CollectorRegistry()
+    allow = CallerPolicy(frozenset({APP}), frozenset())
+    async with serving(signing_like(3), registry, allow=allow) as (listener, _host, _port):
+        busy, sending = FakeHandler(True, uid=ATTACKER), FakeHandler(uid=OTHER)
+        sending.holding = True
+        app = FakeHandler(uid=APP)
+        admit_all(listener, busy, sending, app)
+        second = FakeHandler(uid=APP)
+        assert listener.admit(second)  # type: ignore[arg-type]
+        assert (busy.closed, sending.closed, app.closed) == (False, True, False)
+        app.holding = second.holding = True
+        # left: an unlisted one in a handler and the app's own, both busy: refused
+        assert not listener.admit(FakeHandler(uid=APP))  # type: ignore[arg-type]
+        assert sample(registry, "http_connections_refused_total") == 1
+        assert sample(registry, "http_connections_evicted_total") == 1
+
+
+async def test_allowed_callers_are_not_held_to_a_share() -> None:
+    allow = CallerPolicy(frozenset({APP}), frozenset())
+    async with serving(signing_like(4), allow=allow) as (listener, _host, _port):
+        app = [FakeHandler(uid=APP) for _ in range(4)]
+        admit_all(listener, *app)
+        # full: the app's next one replaces its own oldest idle connection
+        assert listener.admit(FakeHandler(uid=APP))  # type: ignore[arg-type]
+        assert [h.closed for h in app] == [True, False, False, False]
+
+
+@pytest.mark.parametrize("uid", [ATTACKER, None])  # unidentified peers are one caller
+async def test_one_caller_holds_at_most_its_share(uid: int | None) -> None:
+    """Below the cap nobody is held to a share (an app alone may use the whole listener);
+    once full, a caller at its share or past it only replaces its own idle connections."""
+    registry = CollectorRegistry()
+    async with serving(signing_like(4), registry) as (listener, _host, _port):
+        mine = [FakeHandler(uid=uid) for _ in range(3)]
+        admit_all(listener, *mine)  # past its share of 2: the listener has room
+        other = FakeHandler(uid=OTHER)
+        assert listener.admit(other)  # type: ignore[arg-type]
+        for handler in mine:
+            handler.holding = True
+        # full, and at its share: not even its own busy connections make room
+        assert not listener.admit(FakeHandler(uid=uid))  # type: ignore[arg-type]
+        assert sample(registry, "http_connections_refused_total") == 1
+        # other's idle connection is not taken by a caller past its share
+        assert not other.closed
+        mine[2].holding = False
+        assert listener.admit(FakeHandler(uid=uid))  # type: ignore[arg-type]
+        assert [h.closed for h in mine] == [False, False, True]
+        assert not other.closed
+        # a caller below its share takes from the one holding the most
+        mine[1].holding = False
+        assert listener.admit(FakeHandler(uid=9))  # type: ignore[arg-type]
+        assert mine[1].closed
+        assert sample(registry, "http_connections_evicted_total") == 2
+        assert sample(registry, "http_connections") == 4
+
+
+async def test_a_full_listener_takes_from_the_caller_holding_the_most() -> None:
+    registry = CollectorRegistry()
+    async with serving(signing_like(6), registry) as (listener, _host, _port):
+        app = FakeHandler(uid=APP)  # the oldest, idle
+        big = [FakeHandler(uid=ATTACKER) for _ in range(3)]
+        small = [FakeHandler(uid=OTHER) for _ in range(2)]
+        admit_all(listener, app, *small, *big)
+        newcomer = FakeHandler(uid=OTHER)
+        assert listener.admit(newcomer)  # type: ignore[arg-type]
+        assert [h.closed for h in [app, *small, *big]] == [False, False, False, True, False, False]
+        # now OTHER holds 3, ATTACKER 2, APP 1: a newcomer of ATTACKER's may not take from
+        # APP (fewer than its own) even though APP's connection is the only idle one
+        for handler in [*small, *big[1:], newcomer]:
+            handler.holding = True
+        assert not listener.admit(FakeHandler(uid=ATTACKER))  # type: ignore[arg-type]
+        assert not app.closed
+        # a caller holding none may take from a larger one: APP's is the one idle left
+        assert listener.admit(FakeHandler(uid=9))  # type: ignore[arg-type]
+        assert app.closed
+        assert sample(registry, "http_connections_evicted_total") == 2
+        assert sample(registry, "http_connections_refused_total") == 1
+
+
+async def test_a_released_connection_frees_its_callers_share() -> None:
+    async with serving(signing_like(4)) as (listener, _host, _port):
+        held = [FakeHandler(uid=ATTACKER) for _ in range(4)]
+        admit_all(listener, *held)
+        for handler in held:
+            handler.holding = True
+        listener.release(held[0])  # type: ignore[arg-type]
+        listener.release(held[0])  # type: ignore[arg-type]  # twice: evicted, then lost
+        third = FakeHandler(uid=ATTACKER)
+        assert listener.admit(third)  # type: ignore[arg-type]
+        third.holding = True
+        assert not listener.admit(FakeHandler(uid=ATTACKER))  # type: ignore[arg-type]
+        assert len(listener._open) == 4
+        assert len(listener._buckets[(ATTACKER, False)]) == 4
+
+
+def request(target: str = "/whoami", extra: bytes = b"") -> bytes:
+    """A keep-alive GET."""
+    return b"GET " + target.encode() + b" HTTP/1.1\r\nHost: x\r\n" + extra + b"\r\n"
+
+
+async def test_a_connection_sending_its_head_is_kept_and_the_newcomer_refused() -> None:
+    """Request bytes received make a connection busy until it is answered: the idle
+    keep-alive connection is the one to go, and with none left the newcomer is refused."""
+    registry = CollectorRegistry()
+    async with serving(signing_like(2, share=1.0), registry) as (listener, host, port):
+
+        def holding() -> int:
+            return sum(handler.holding for handler in listener._open)
+
+        sending_reader, sending = await asyncio.open_connection(host, port)
+        sending.write(request()[:20])  # part of a request line
+        await wait_for(lambda: holding() == 1)
+        idle_reader, idle = await asyncio.open_connection(host, port)
+        idle.write(request())
+        await asyncio.wait_for(idle_reader.readuntil(b"}}"), 10)  # answered: idle again
+        await wait_for(lambda: (len(listener._open), holding()) == (2, 1))
+        assert status_of(await exchange(host, port, get())) == 200
+        assert await asyncio.wait_for(idle_reader.read(), 10) == b""
+        _other_reader, other = await asyncio.open_connection(host, port)
+        other.write(request()[:20])
+        await wait_for(lambda: (len(listener._open), holding()) == (2, 2))
+        assert await exchange(host, port, get()) == b""
+        assert sample(registry, "http_connections_refused_total") == 1
+        assert sample(registry, "http_connections_evicted_total") == 1
+        sending.write(request()[20:])  # the head completes and is answered
+        answer = await asyncio.wait_for(sending_reader.readuntil(b"}}"), 10)
+        assert answer.startswith(b"HTTP/1.1 200 OK")
+        await wait_for(lambda: holding() == 1)  # answered: only `other` holds bytes now
+        for writer in (sending, idle, other):
+            writer.close()
+
+
+async def test_a_complete_request_not_read_yet_is_answered_not_closed() -> None:
+    """Connections of a burst are admitted before the loop reads them: bytes waiting in
+    the kernel are request bytes too, so the newcomer is refused, not the waiting one."""
+    registry = CollectorRegistry()
+    async with serving(signing_like(1, share=1.0), registry) as (_listener, host, port):
+        # blocking connects and sends: the kernel queues both before the loop accepts
+        first = socket.create_connection((host, port))
+        second = socket.create_connection((host, port))
+        with first, second:
+            first.sendall(get())
+            second.sendall(get())
+            answers = await asyncio.gather(
+                asyncio.to_thread(read_all, first), asyncio.to_thread(read_all, second)
+            )
+    assert status_of(answers[0]) == 200
+    assert answers[1] == b""
+    assert sample(registry, "http_connections_refused_total") == 1
+    assert sample(registry, "http_connections_evicted_total") == 0
+
+
+def read_all(sock: socket.socket) -> bytes:
+    """Everything until the server closes (a reset, as for a refused connection whose
+    bytes were never read, ends it too)."""
+    sock.settimeout(10)
+    data = b""
+    try:
+        while chunk := sock.recv(65536):
+            data += chunk
+    except ConnectionResetError:
+        pass
+    return data
+
+
+async def test_a_head_past_its_deadline_may_go() -> None:
+    """aiohttp closes such a connection on its next timer tick; a full listener need not wait."""
+    async with serving(signing_like(2, share=1.0)) as (listener, host, port):
+        _reader, writer = await asyncio.open_connection(host, port)
+        writer.write(request()[:20])
+        await wait_for(lambda: any(handler.holding for handler in listener._open))
+        handler = next(iter(listener._open))
+        now = asyncio.get_running_loop().time()
+        assert not handler.idle(now)
+        assert handler.idle(now + 60.0)  # the head deadline (Limits.idle_timeout) has passed
+        writer.close()
+
+
+async def test_signing_listeners_identify_tcp_peers_unasked() -> None:
+    """Per-caller shares need the caller of every connection, with or without an allow-list."""
+    async with serving(signing_like(4)) as (_listener, host, port):
+        answer = await exchange(host, port, get())
+    assert json_body(answer) == {"caller": {"uid": os.getuid(), "via": "tcp"}}
+
+
 async def wait_for(condition: Any) -> None:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + 10.0
@@ -369,6 +613,107 @@ async def test_malformed_requests_are_counted_and_answered_in_json() -> None:
                 }
             }
             assert sample(registry, "http_protocol_errors_total") == n
+
+
+def header(answer: bytes, name: bytes) -> bytes | None:
+    """A response header's value (the first), by lower-case name."""
+    for line in answer.partition(b"\r\n\r\n")[0].split(b"\r\n")[1:]:
+        key, _, value = line.partition(b":")
+        if key.lower() == name:
+            return value.strip()
+    return None
+
+
+@pytest.mark.parametrize(
+    ("raw", "status"),
+    [
+        (b"GARBAGE\r\n\r\n", b"400 Bad Request"),
+        (get(extra=b"X-Long: " + b"v" * (MAX_FIELD_SIZE + 1) + b"\r\n"), b"431 "),
+        (get(extra=b"".join(b"X-N%d: 1\r\n" % n for n in range(MAX_HEADERS))), b"431 "),
+    ],
+)
+async def test_parser_refusals_are_answered_in_http_1_1_and_close(
+    raw: bytes, status: bytes
+) -> None:
+    """aiohttp's stand-in for a request it could not parse says HTTP/1.0."""
+    async with serving() as (_listener, host, port):
+        answer = await exchange(host, port, raw)
+    assert answer.startswith(b"HTTP/1.1 " + status)
+    assert header(answer, b"connection") == b"close"
+
+
+@pytest.mark.parametrize(
+    "request_line",
+    [
+        b"GET /whoami HTTP/1.0",
+        b"GET /nope HTTP/1.0",  # refused before routing: not 404
+        b"GET /whoami HTTP/2.0",
+        b"GET /whoami HTTP/0.9",
+        b"GET /whoami",  # HTTP/0.9 style, no version
+    ],
+)
+async def test_requests_that_are_not_http_1_1_are_refused_as_malformed(
+    request_line: bytes,
+) -> None:
+    registry = CollectorRegistry()
+    async with serving(registry=registry) as (_listener, host, port):
+        raw = request_line + b"\r\nHost: x\r\nConnection: keep-alive\r\nExpect: bogus\r\n\r\n"
+        answer = await exchange(host, port, raw)  # read until closed: no keep-alive
+    assert answer.startswith(b"HTTP/1.1 400 Bad Request\r\n")
+    assert header(answer, b"connection") == b"close"
+    assert json_body(answer) == {
+        "error": {"code": "malformed_request", "message": "the request is not valid HTTP/1.1"}
+    }
+    assert sample(registry, "http_protocol_errors_total") == 1
+
+
+@pytest.mark.parametrize(
+    "expect",
+    [
+        b"Expect: bogus\r\n",
+        b"Expect: 100-continue, bogus\r\n",
+        b"Expect: 100-continue\r\nExpect: x\r\n",
+        b"Expect: ,100-continue\r\n",
+    ],
+)
+async def test_an_expectation_other_than_100_continue_gets_417_in_json(expect: bytes) -> None:
+    registry = CollectorRegistry()
+    async with serving(registry=registry) as (_listener, host, port):
+        answer = await exchange(host, port, get("/nope", expect))  # before routing: not 404
+    assert answer.startswith(b"HTTP/1.1 417 Expectation Failed\r\n")
+    assert header(answer, b"connection") == b"close"
+    assert header(answer, b"cache-control") == b"no-store"
+    assert json_body(answer) == {
+        "error": {
+            "code": "expectation_failed",
+            "message": "the only expectation supported is Expect: 100-continue",
+        }
+    }
+    assert sample(registry, "http_protocol_errors_total") == 1
+
+
+async def echo_length(request: web.Request) -> web.Response:
+    return web.json_response({"length": len(await request.read())})
+
+
+@pytest.mark.parametrize(
+    ("expect", "continues"),
+    [(b"100-continue", True), (b"100-Continue", True), (b"", False)],
+)
+async def test_100_continue_is_still_honoured(expect: bytes, continues: bool) -> None:
+    registry = CollectorRegistry()
+    async with serving(registry=registry, extra=("/echo", echo_length)) as (_l, host, port):
+        reader, writer = await asyncio.open_connection(host, port)
+        writer.write(get("/echo", b"Content-Length: 5\r\nExpect: " + expect + b"\r\n"))
+        if continues:
+            interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+            assert interim == b"HTTP/1.1 100 Continue\r\n\r\n"
+        writer.write(b"hello")
+        answer = await asyncio.wait_for(reader.read(), 10)
+        writer.close()
+    assert status_of(answer) == 200
+    assert json_body(answer) == {"length": 5}
+    assert sample(registry, "http_protocol_errors_total") == 0
 
 
 class Clock:
