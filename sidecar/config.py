@@ -20,6 +20,7 @@ from typing import Any, Literal
 from .callers import MAX_ID, CallerPolicy
 from .errors import ConfigError
 from .redact import Redacted
+from .systemd import activation_pending
 
 PREFIX = "REDITUS_SIDECAR_"
 DEFAULT_PRODUCT = "default"
@@ -326,7 +327,12 @@ def load_settings(env: Mapping[str, str] | None = None, config_file: str | None 
     def raw(suffix: str) -> tuple[str | None, str]:
         return values.get(suffix)
 
+    # Started by a systemd socket unit, the signing sockets are systemd's: no own TCP
+    # listener unless one is asked for explicitly.
+    activated = activation_pending(env)
     listen_raw, where = raw("LISTEN")
+    if activated and PREFIX + "LISTEN" not in env and "listen" not in file_values:
+        listen_raw = "off"
     listen = None
     if listen_raw and listen_raw.strip().lower() not in ("", "none", "off"):
         listen = parse_address(listen_raw, where, loopback_only=True)
@@ -334,7 +340,7 @@ def load_settings(env: Mapping[str, str] | None = None, config_file: str | None 
     unix_socket = Path(socket_raw) if socket_raw else None
     if unix_socket is not None and not unix_socket.parent.is_dir():
         raise ConfigError(f"{where}={socket_raw!r}: directory {unix_socket.parent} does not exist")
-    if listen is None and unix_socket is None:
+    if listen is None and unix_socket is None and not activated:
         raise ConfigError(
             f"{PREFIX}LISTEN is off and {PREFIX}UNIX_SOCKET is unset: nothing would serve signing"
         )

@@ -25,13 +25,16 @@ from prometheus_client import CollectorRegistry, disable_created_metrics
 from . import __version__
 from .api import TOKEN_HANDLER, TokenHandler, create_api_app
 from .audit import AuditLog
+from .blocking import cancel_and_wait
 from .config import Settings
+from .errors import ConfigError
 from .listener import OPS_LIMITS, SIGNING_LIMITS, Listener, raise_fd_limit, signing_limits
 from .metrics import Metrics
 from .ops import create_ops_app
 from .refresher import Refresher
 from .sources.factory import build_sources
 from .state import SecretStore
+from .systemd import Notifier, PassedSockets, keep_systemd_informed, take_passed_sockets
 
 if TYPE_CHECKING:
     from .sources.transit import TransitMode
@@ -39,6 +42,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SHUTDOWN_GRACE = 10.0  # seconds in-flight requests get after SIGTERM
+#: socket-activated, how long signing waits for the first secret before it accepts
+ACTIVATION_WAIT = 10.0
 SOCKET_MODE = 0o660
 
 _FileId = tuple[int, int]
@@ -105,6 +110,15 @@ async def _wait_for_handlers(handlers: list[TokenHandler], grace: float) -> None
         await asyncio.sleep(0.01)
 
 
+async def _until_ready(store: SecretStore, stop: asyncio.Event, bound: float) -> None:
+    """Wait until every product has a usable secret, a stop is asked for, or `bound` passes."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + bound
+    # Start-up only, as in _wait_for_handlers: no event bookkeeping on the store for it.
+    while not store.ready() and not stop.is_set() and loop.time() < deadline:  # noqa: ASYNC110
+        await asyncio.sleep(0.05)
+
+
 async def _shutdown_delay(stop: asyncio.Event, delay: float) -> None:
     """Keep serving (unready) for `delay` seconds; a second signal ends the wait."""
     log.info("shutting down: still serving during the shutdown delay", extra={"detail": delay})
@@ -113,9 +127,52 @@ async def _shutdown_delay(stop: asyncio.Event, delay: float) -> None:
         await asyncio.wait_for(stop.wait(), delay)
 
 
+def _signing_sockets(settings: Settings, passed: PassedSockets | None) -> list[tuple[str, bool]]:
+    """The signing listeners (name, whether it checks Host): only the TCP one checks Host
+    (unix clients send anything). A socket systemd passed takes the place of one of ours."""
+    tcp = passed is not None and passed.tcp is not None
+    unix = passed is not None and passed.unix is not None
+    if tcp and settings.listen is not None:
+        raise ConfigError(
+            "REDITUS_SIDECAR_LISTEN is set and systemd passed a TCP socket for signing: "
+            "keep one of them"
+        )
+    if unix and settings.unix_socket is not None:
+        raise ConfigError(
+            "REDITUS_SIDECAR_UNIX_SOCKET is set and systemd passed a unix socket for "
+            "signing: keep one of them"
+        )
+    signing: list[tuple[str, bool]] = []
+    if tcp or settings.listen is not None:
+        signing.append(("signing", True))
+    if unix or settings.unix_socket is not None:
+        signing.append(("signing_unix", False))
+    if not signing:
+        raise ConfigError(
+            "systemd passed no socket named signing, REDITUS_SIDECAR_LISTEN is off and "
+            "REDITUS_SIDECAR_UNIX_SOCKET is unset: nothing would serve signing"
+        )
+    return signing
+
+
+def _status_line(store: SecretStore, ready: bool) -> str:
+    """systemd's STATUS=: what the products are signing with, in one line."""
+    products = []
+    for name in store.products:
+        snapshot = store.peek(name)
+        products.append(f"{name} v{snapshot.version}" if snapshot else f"{name} (no secret)")
+    return ("signing: " if ready else "waiting for a secret: ") + ", ".join(products)
+
+
 async def serve(settings: Settings, *, stop: asyncio.Event | None = None) -> int:
     """Run the sidecar; returns the process exit code."""
     stop = stop or asyncio.Event()
+    passed = take_passed_sockets(os.environ)
+    if passed is not None and passed.ignored:
+        log.warning(
+            "sockets passed by systemd with no job here are closed",
+            extra={"detail": ", ".join(passed.ignored)},
+        )
     fd_limit = raise_fd_limit()
     # *_created series would only double the scrape size here.
     disable_created_metrics()  # type: ignore[no-untyped-call]
@@ -142,16 +199,16 @@ async def serve(settings: Settings, *, stop: asyncio.Event | None = None) -> int
             token_ttl=settings.token_ttl,
         )
 
-    # One signing app per listener: only the TCP one checks Host (unix clients send anything).
-    signing: list[tuple[str, bool]] = []
-    if settings.listen is not None:
-        signing.append(("signing", True))
-    if settings.unix_socket is not None:
-        signing.append(("signing_unix", False))
+    signing = _signing_sockets(settings, passed)
     limits = signing_limits(fd_limit, len(signing))
     audit = AuditLog(settings.audit, metrics) if settings.audit is not None else None
     if audit is not None:
         audit.start()  # before any listener: the first token already has its writer
+
+    def audit_stuck() -> bool:
+        """Failing closed, a hung audit target stops every token: not ready."""
+        return audit is not None and audit.fail_closed and audit.stuck
+
     runners: dict[str, web.AppRunner] = {}
     handlers: list[TokenHandler] = []
     for name, check_host in signing:
@@ -168,11 +225,7 @@ async def serve(settings: Settings, *, stop: asyncio.Event | None = None) -> int
         runners[name] = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_GRACE)
     metrics.requests_in_flight.set_function(lambda: sum(h.in_flight for h in handlers))
     ops_runner = web.AppRunner(
-        create_ops_app(
-            store,
-            registry,
-            audit_stuck=lambda: audit is not None and audit.fail_closed and audit.stuck,
-        ),
+        create_ops_app(store, registry, audit_stuck=audit_stuck),
         access_log=None,
         shutdown_timeout=1.0,
     )
@@ -184,17 +237,20 @@ async def serve(settings: Settings, *, stop: asyncio.Event | None = None) -> int
     }
     ops = Listener("ops", ops_runner, OPS_LIMITS, metrics)
     own_socket: _FileId | None = None
+    # Who calls over TCP matters to an allow-list and to the audit; else skip the cost.
+    identify = settings.callers is not None or settings.audit is not None
     try:
         if settings.listen is not None:
-            # Who calls over TCP matters to an allow-list and to the audit; else skip the cost.
-            identify = settings.callers is not None or settings.audit is not None
             await listeners["signing"].start_tcp(
                 settings.listen.host, settings.listen.port, identify=identify
             )
         if settings.unix_socket is not None:
             sock, own_socket = bind_unix_socket(settings.unix_socket)
             await listeners["signing_unix"].start_socket(sock)
-        await ops.start_tcp(settings.metrics_listen.host, settings.metrics_listen.port)
+        if passed is not None and passed.ops is not None:
+            await ops.start_passed(passed.ops, identify=False)
+        else:
+            await ops.start_tcp(settings.metrics_listen.host, settings.metrics_listen.port)
     except OSError as exc:
         log.error("cannot listen", extra={"error": str(exc)})
         for listener in [*listeners.values(), ops]:
@@ -226,13 +282,36 @@ async def serve(settings: Settings, *, stop: asyncio.Event | None = None) -> int
     )
     await sources.start()
     refresher.start()
+    notifier = Notifier(os.environ)
+    informing = None
+    if notifier.enabled:
+
+        def usable() -> bool:
+            return store.ready() and not audit_stuck()
+
+        informing = loop.create_task(
+            keep_systemd_informed(notifier, usable, lambda: _status_line(store, usable())),
+            name="systemd-notify",
+        )
+    if passed is not None and (passed.tcp is not None or passed.unix is not None):
+        # The connection that activated the service waits in the kernel's backlog: give it
+        # a token rather than a 503, if the secret loads within ACTIVATION_WAIT.
+        await _until_ready(store, stop, ACTIVATION_WAIT)
+        if passed.tcp is not None:
+            await listeners["signing"].start_passed(passed.tcp, identify=identify)
+        if passed.unix is not None:
+            await listeners["signing_unix"].start_socket(passed.unix)
     try:
         await stop.wait()
         store.shutting_down = True
+        notifier.send("STOPPING=1", "STATUS=shutting down")
         if settings.shutdown_delay:
             await _shutdown_delay(stop, settings.shutdown_delay)
     finally:
         log.info("shutting down: finishing in-flight requests")
+        if informing is not None:
+            await cancel_and_wait([informing])
+        notifier.close()
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(signum)
         for listener in listeners.values():
