@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import hvac
 import hvac.exceptions
@@ -93,6 +94,21 @@ def run_script(
     return result
 
 
+async def product_id_as_pod(
+    openbao: Any, values: dict[str, str], tmp_path: Path, token: str
+) -> str:
+    """Log in with the variables a set-up script printed and a service-account token, as
+    the pod would, and read the product id."""
+    session, source = session_for(
+        openbao, None, **values,
+        REDITUS_SIDECAR_VAULT_JWT_FILE=str(write_file(tmp_path / "sa", token)),
+    )  # fmt: skip
+    try:
+        return (await source.fetch()).product_id
+    finally:
+        await session.close()
+
+
 def exported(stdout: str) -> dict[str, str]:
     return dict(line.split("=", 1) for line in stdout.splitlines() if "=" in line)
 
@@ -151,13 +167,4 @@ async def test_setup_kubernetes_auth_script(openbao, tmp_path, jwt_auth, k8s_aut
     values = exported(run_script("setup-kubernetes-auth.sh", env).stdout)
     token = service_account_jwt(key, namespace="shop", name="web")
     reviewer.accepted.add(token)
-    session, source = session_for(
-        openbao,
-        None,
-        **values,
-        REDITUS_SIDECAR_VAULT_JWT_FILE=str(write_file(tmp_path / "sa", token)),
-    )
-    try:
-        assert (await source.fetch()).product_id == "prod-k8s"
-    finally:
-        await session.close()
+    assert await product_id_as_pod(openbao, values, tmp_path, token) == "prod-k8s"

@@ -16,12 +16,10 @@ from tests.openbao import (
     TokenReviewer,
     rsa_key,
     service_account_jwt,
-    session_for,
     token_reviewer,
     unique,
-    write_file,
 )
-from tests.test_vault_policy import exported, run_script
+from tests.test_vault_policy import exported, product_id_as_pod, run_script
 
 SHARED_REVIEWER_JWT = service_account_jwt(rsa_key(), namespace="kube-system", name="reviewer")
 
@@ -97,16 +95,7 @@ async def test_setup_kubernetes_auth_keeps_a_configured_mount(
     # The role was written and works through the mount's own config (its TokenReview API).
     token = service_account_jwt(rsa_key(), namespace="shop", name="web")
     reviewer.accepted.add(token)
-    session, source = session_for(
-        openbao,
-        None,
-        **exported(again.stdout),
-        REDITUS_SIDECAR_VAULT_JWT_FILE=str(write_file(tmp_path / "sa", token)),
-    )
-    try:
-        assert (await source.fetch()).product_id == "prod-1"
-    finally:
-        await session.close()
+    assert await product_id_as_pod(openbao, exported(again.stdout), tmp_path, token) == "prod-1"
     assert reviewer.reviews >= 1
 
 
