@@ -136,6 +136,9 @@ def start_sidecar(
         REDITUS_SIDECAR_LISTEN=f"127.0.0.1:{port}",
         REDITUS_SIDECAR_METRICS_LISTEN=metrics_url.removeprefix("http://"),
         REDITUS_SIDECAR_LOG_LEVEL="warning",
+        # The load generator is one uid: unlisted, it could hold only half the listener
+        # (128 connections), as an app could; listed, it is held to no share.
+        REDITUS_SIDECAR_ALLOWED_UIDS=str(os.getuid()),
         **env,
     )
     launcher = launcher or [PYTHON, "-m", "sidecar", "serve"]

@@ -45,7 +45,6 @@ from tests.support import (
     post_token,
     scrape,
     sign_as,
-    start_sidecar,
     wait_http,
 )
 from tests.test_transit import bao_cli, import_key
@@ -107,12 +106,6 @@ def prometheus_binary() -> str:
     if found is None:
         pytest.fail("prometheus not found: scripts/setup installs Debian's prometheus package")
     return found
-
-
-@pytest.fixture(scope="module")
-def sidecar(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SidecarProcess]:
-    with start_sidecar(tmp_path_factory.mktemp("sidecar")) as process:
-        yield process
 
 
 @pytest.fixture(scope="module")
@@ -375,7 +368,7 @@ def test_transit_certificate_and_audit_panels(prometheus: Prometheus) -> None:
     (written,) = values("Audit records", TRANSIT_POD, "written")
     assert float(written["value"][1]) > 0
     lost = by_label(values("Audit records", TRANSIT_POD, "lost {{reason}}"), "reason")
-    assert lost == {"write": 0, "queue_full": 0}
+    assert lost == {"write": 0, "queue_full": 0, "exit": 0}
     (refused,) = values("Callers refused", TRANSIT_POD)
     assert refused["metric"]["pod"] == TRANSIT_POD
     assert float(refused["value"][1]) > 0

@@ -25,20 +25,23 @@ from sidecar import listener as listener_module
 from sidecar.callers import Caller, CallerPolicy, caller_of
 from sidecar.listener import (
     ALLOW_LIST,
-    CALLER_SHARE,
     MAX_FIELD_SIZE,
     MAX_HEADERS,
     MAX_LINE_SIZE,
-    OPS_LIMITS,
-    SIGNING_LIMITS,
-    Limits,
     Listener,
     _protocol_error,
     _ProtocolErrorLog,
+)
+from sidecar.listener_limits import (
+    CALLER_SHARE,
+    OPS_LIMITS,
+    SIGNING_LIMITS,
+    Limits,
     raise_fd_limit,
     signing_limits,
 )
 from sidecar.metrics import Metrics
+from tests.support import FakeClock
 
 
 def sample(registry: CollectorRegistry, name: str, listener: str = "test") -> float | None:
@@ -410,31 +413,21 @@ async def test_allowed_callers_are_not_held_to_a_share() -> None:
 
 @pytest.mark.parametrize("uid", [ATTACKER, None])  # unidentified peers are one caller
 async def test_one_caller_holds_at_most_its_share(uid: int | None) -> None:
-    """Below the cap nobody is held to a share (an app alone may use the whole listener);
-    once full, a caller at its share or past it only replaces its own idle connections."""
     registry = CollectorRegistry()
     async with serving(signing_like(4), registry) as (listener, _host, _port):
-        mine = [FakeHandler(uid=uid) for _ in range(3)]
-        admit_all(listener, *mine)  # past its share of 2: the listener has room
-        other = FakeHandler(uid=OTHER)
-        assert listener.admit(other)  # type: ignore[arg-type]
-        for handler in mine:
-            handler.holding = True
-        # full, and at its share: not even its own busy connections make room
+        first, second = FakeHandler(uid=uid), FakeHandler(uid=uid)
+        admit_all(listener, first, second)
+        first.holding = second.holding = True
+        # room for two more, but not for this caller
         assert not listener.admit(FakeHandler(uid=uid))  # type: ignore[arg-type]
         assert sample(registry, "http_connections_refused_total") == 1
-        # other's idle connection is not taken by a caller past its share
-        assert not other.closed
-        mine[2].holding = False
+        assert listener.admit(FakeHandler(uid=OTHER))  # type: ignore[arg-type]
+        # at its share, a caller may only replace its own idle connection
+        second.holding = False
         assert listener.admit(FakeHandler(uid=uid))  # type: ignore[arg-type]
-        assert [h.closed for h in mine] == [False, False, True]
-        assert not other.closed
-        # a caller below its share takes from the one holding the most
-        mine[1].holding = False
-        assert listener.admit(FakeHandler(uid=9))  # type: ignore[arg-type]
-        assert mine[1].closed
-        assert sample(registry, "http_connections_evicted_total") == 2
-        assert sample(registry, "http_connections") == 4
+        assert (first.closed, second.closed) == (False, True)
+        assert sample(registry, "http_connections_evicted_total") == 1
+        assert sample(registry, "http_connections") == 3
 
 
 async def test_a_full_listener_takes_from_the_caller_holding_the_most() -> None:
@@ -462,18 +455,16 @@ async def test_a_full_listener_takes_from_the_caller_holding_the_most() -> None:
 
 async def test_a_released_connection_frees_its_callers_share() -> None:
     async with serving(signing_like(4)) as (listener, _host, _port):
-        held = [FakeHandler(uid=ATTACKER) for _ in range(4)]
-        admit_all(listener, *held)
-        for handler in held:
-            handler.holding = True
-        listener.release(held[0])  # type: ignore[arg-type]
-        listener.release(held[0])  # type: ignore[arg-type]  # twice: evicted, then lost
+        first, second = FakeHandler(uid=ATTACKER), FakeHandler(uid=ATTACKER)
+        admit_all(listener, first, second)
+        first.holding = second.holding = True
+        listener.release(first)  # type: ignore[arg-type]
+        listener.release(first)  # type: ignore[arg-type]  # twice: evicted, then lost
         third = FakeHandler(uid=ATTACKER)
         assert listener.admit(third)  # type: ignore[arg-type]
         third.holding = True
         assert not listener.admit(FakeHandler(uid=ATTACKER))  # type: ignore[arg-type]
-        assert len(listener._open) == 4
-        assert len(listener._buckets[(ATTACKER, False)]) == 4
+        assert len(listener._open) == 2
 
 
 def request(target: str = "/whoami", extra: bytes = b"") -> bytes:
@@ -716,18 +707,10 @@ async def test_100_continue_is_still_honoured(expect: bytes, continues: bool) ->
     assert sample(registry, "http_protocol_errors_total") == 0
 
 
-class Clock:
-    def __init__(self, now: float) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
 def test_protocol_errors_are_logged_once_per_interval_with_their_count(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    clock = Clock(0.0)  # a monotonic clock may start at zero: the first error still logs
+    clock = FakeClock(0.0)  # a monotonic clock may start at zero: the first error still logs
     monkeypatch.setattr(time, "monotonic", clock)
     registry = CollectorRegistry()
     errors = _ProtocolErrorLog("test", Metrics(registry, [], "test"))
