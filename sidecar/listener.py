@@ -19,9 +19,9 @@ local user can reach them:
 - with an allow-list, an allowed caller's connection is never closed for an unlisted (or
   unidentified) newcomer, which is refused instead; an allowed newcomer may close any
   unlisted connection not in a handler (its request could only be refused);
-- once the listener is full, a caller the allow-list does not name (anyone, without a
-  list) holding CALLER_SHARE of it or more only replaces its own idle connections: it
-  cannot keep others out, while an app alone may still use the whole listener.
+- a caller the allow-list does not name (anyone, without a list) holds at most
+  CALLER_SHARE of the listener; past it, it only replaces its own idle connections (an app
+  that needs more is named in the allow-list: listed callers are held to no share).
 
 Only when no connection may go is the new one closed at once.
 """
@@ -59,9 +59,9 @@ PROTOCOL_LOG_INTERVAL = 10.0  # at most one protocol-error line per listener thi
 #: error codes of requests refused before routing, on every listener
 PROTOCOL_ERROR_CODES = ("malformed_request", "headers_too_large", "expectation_failed")
 FD_RESERVE = 64  # descriptors kept for Vault connections, files and the resolver
-#: the share of a full signing listener's connections past which a caller (one uid; every
-#: peer the kernel could not name counts as one) unless the allow-list names it may only
-#: replace its own idle connections: one local user cannot keep the others out
+#: the share of a signing listener's connections one caller may hold (one uid; every peer
+#: the kernel could not name counts as one caller) unless the allow-list names it: one local
+#: user cannot fill the listener, and the rest is left to the others
 CALLER_SHARE = 0.5
 #: the signing app's allow-list, which its listener also admits connections by
 ALLOW_LIST = web.AppKey("allow_list", CallerPolicy)
@@ -367,12 +367,13 @@ class Listener:
                 victim = next((h for h in self._open if not h.in_request), None)
                 if victim is None:
                     return self._refuse()
+        elif not bucket[1] and len(self._buckets.get(bucket, ())) >= per_caller:
+            # At its share: only its own idle connections make room, whatever the rest.
+            victim = self._victim(bucket, own_only=True)
+            if victim is None:
+                return self._refuse()
         elif len(self._open) >= self.limits.max_connections:
-            # Full: a caller past its share only replaces its own idle connections; one
-            # below it takes an idle connection of the caller holding the most. Below the
-            # cap nobody is held to a share: an app alone may use the whole listener.
-            over_share = not bucket[1] and len(self._buckets.get(bucket, ())) >= per_caller
-            victim = self._victim(bucket, own_only=over_share)
+            victim = self._victim(bucket)
             if victim is None:
                 return self._refuse()
         if victim is not None:
