@@ -97,7 +97,7 @@ async def _read_all(settings: Settings) -> dict[str, Any]:
 
 def _transit_once(settings: Settings, user_id: str | None, command: str) -> int:
     """`check`/`sign` in transit mode: one HMAC from Vault (the secret is never read)."""
-    from .sources.transit import sign_once
+    from .transit import sign_once
 
     try:
         token, version = _run(lambda: sign_once(settings, user_id, int(time.time())))
@@ -134,7 +134,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_sign(args: argparse.Namespace) -> int:
-    from .api import ApiError, validate_user_id
+    from .token_request import ApiError, validate_user_id
 
     settings = _settings(args, one_shot=True)
     try:

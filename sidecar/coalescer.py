@@ -20,7 +20,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Generic, TypeVar
 
 from .errors import SecretUnavailable, SourceError
-from .refresher import backoff_delay
+from .timing import backoff_delay
 
 log = logging.getLogger(__name__)
 

@@ -17,13 +17,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from .audit_key import read_key
 from .callers import MAX_ID, CallerPolicy
 from .errors import ConfigError
+from .names import DEFAULT_PRODUCT, PREFIX
 from .redact import Redacted
 from .systemd import activation_pending
 
-PREFIX = "REDITUS_SIDECAR_"
-DEFAULT_PRODUCT = "default"
 SERVICE_ACCOUNT_TOKEN = "/var/run/secrets/kubernetes.io/serviceaccount/token"
 
 SourceKind = Literal["vault", "file", "transit"]
@@ -485,9 +485,7 @@ def _audit_settings(values: _Values) -> AuditSettings | None:
     key_raw, key_where = values.get("AUDIT_KEY_FILE")
     key_file = _existing_file(key_raw, key_where)
     if key_file is not None:
-        from .audit import read_key  # a bad key is a configuration error, found at start
-
-        read_key(key_file)
+        read_key(key_file)  # a bad key is a configuration error, found at start
     return AuditSettings(target=target, fail_closed=fail == "closed", key_file=key_file)
 
 

@@ -28,7 +28,7 @@ from . import logs
 from .config import Address, load_settings, parse_address
 from .devserver import BaoNotFound, OpenBaoDevServer, find_bao
 from .errors import ConfigError
-from .refresher import JITTER
+from .timing import JITTER
 
 POLICY_NAME = "reditus-sidecar"
 ROLE_NAME = "reditus-sidecar"

@@ -29,16 +29,13 @@ Only when no connection may go is the new one closed at once.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import fcntl
 import logging
-import resource
 import socket
 import sys
 import termios
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import hdrs, web
@@ -46,6 +43,7 @@ from aiohttp.http import HttpVersion11
 from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
 
 from .callers import Caller, CallerPolicy, TcpPeers, identify
+from .listener_limits import Limits
 from .metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -58,11 +56,6 @@ MAX_HEADERS = 24
 PROTOCOL_LOG_INTERVAL = 10.0  # at most one protocol-error line per listener this often
 #: error codes of requests refused before routing, on every listener
 PROTOCOL_ERROR_CODES = ("malformed_request", "headers_too_large", "expectation_failed")
-FD_RESERVE = 64  # descriptors kept for Vault connections, files and the resolver
-#: the share of a signing listener's connections one caller may hold (one uid; every peer
-#: the kernel could not name counts as one caller) unless the allow-list names it: one local
-#: user cannot fill the listener, and the rest is left to the others
-CALLER_SHARE = 0.5
 #: the signing app's allow-list, which its listener also admits connections by
 ALLOW_LIST = web.AppKey("allow_list", CallerPolicy)
 
@@ -70,60 +63,6 @@ _RequestHandler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
 #: whom a connection counts against: the peer's uid (None: unidentified) and whether the
 #: allow-list names it
 _Bucket = tuple[int | None, bool]
-
-
-@dataclass(frozen=True)
-class Limits:
-    """How far one listener lets its clients go."""
-
-    max_connections: int
-    #: a connection idle after a response, or not done sending its request head, this long
-    #: after connecting or answering is closed
-    idle_timeout: float
-    #: after an early answer (413, 408), how long the rest of the body is read and dropped
-    lingering_time: float
-    backlog: int = 128
-    #: the share of max_connections one caller may hold; None: callers are not told apart
-    #: (the ops listener, whose peers are all over the cluster)
-    caller_share: float | None = None
-
-    @property
-    def max_per_caller(self) -> int | None:
-        if self.caller_share is None:
-            return None
-        return max(1, int(self.max_connections * self.caller_share))
-
-
-OPS_LIMITS = Limits(max_connections=32, idle_timeout=5.0, lingering_time=0.0)
-#: shared by the signing listeners (TCP and unix socket split it evenly)
-SIGNING_LIMITS = Limits(
-    max_connections=256, idle_timeout=10.0, lingering_time=2.0, caller_share=CALLER_SHARE
-)
-
-
-def raise_fd_limit() -> int:
-    """Raise the soft open-file limit to the hard one (many runtimes start at 1024)."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != hard:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-        except (ValueError, OSError):
-            return soft
-    return hard
-
-
-def signing_limits(fd_limit: int, listeners: int) -> Limits:
-    """Each signing listener's share of SIGNING_LIMITS, smaller still if every listener at
-    its cap would run out of file descriptors."""
-    share = SIGNING_LIMITS.max_connections // max(1, listeners)
-    fits = (fd_limit - FD_RESERVE - OPS_LIMITS.max_connections) // max(1, listeners)
-    if fits < share:
-        share = max(16, fits)
-        log.warning(
-            "open-file limit is low: signing connections capped lower",
-            extra={"detail": f"RLIMIT_NOFILE {fd_limit}: {share} per signing listener"},
-        )
-    return dataclasses.replace(SIGNING_LIMITS, max_connections=share)
 
 
 class _ProtocolErrorLog:

@@ -8,7 +8,6 @@ never touches the snapshot in use: signing goes on with the last good secret.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 import time
@@ -20,23 +19,16 @@ from .metrics import Metrics
 from .signer import TokenSigner
 from .sources.base import SecretMaterial, SecretSource
 from .state import SecretStore, Snapshot
+from .timing import backoff_delay, jittered, sleep_or_wake
 
 log = logging.getLogger(__name__)
 
-BACKOFF_INITIAL = 1.0
-JITTER = 0.1  # +-10 % on the normal interval spreads many pods' reads over time
 FILE_WATCH_INTERVAL = 1.0  # how often a source that can tell `changed()` is asked
 MIN_SPACING = 1.0  # early reads (SIGHUP, file changes) of one product at most this often
 
 
-def backoff_delay(failures: int, cap: float, rng: random.Random) -> float:
-    """Exponential from 1 s, capped, with jitter in [50 %, 100 %] of the step."""
-    step = min(cap, BACKOFF_INITIAL * 2 ** max(0, failures - 1))
-    return float(step * rng.uniform(0.5, 1.0))
-
-
 class Refresher:
-    """Keeps the store's snapshots fresh from the sources."""
+    """Keeps the store's snapshots fresh from the sources (a `freshness.Freshness`)."""
 
     def __init__(
         self,
@@ -132,7 +124,7 @@ class Refresher:
             if await self.refresh(product):
                 failures = 0
                 self._failing.discard(product)
-                delay = self.interval * self.rng.uniform(1 - JITTER, 1 + JITTER)
+                delay = jittered(self.interval, self.rng)
             else:
                 failures += 1
                 self._failing.add(product)
@@ -141,8 +133,7 @@ class Refresher:
                 if floor:  # the source's Retry-After, within our own cap
                     delay = max(delay, min(floor, self.backoff_max))
             self._next_attempt[product] = self._monotonic() + delay
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(wake.wait(), timeout=delay)
+            if await sleep_or_wake(wake, delay):
                 # Woken early (SIGHUP, file change): reads stay MIN_SPACING apart, and
                 # every wake until then is served by that one read.
                 await asyncio.sleep(max(0.0, started + MIN_SPACING - self._monotonic()))

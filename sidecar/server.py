@@ -1,10 +1,11 @@
 """Wires the pieces together and runs them until SIGTERM/SIGINT.
 
-source -> refresher -> store -> signer -> api; the ops app reads the store and registry.
-Shutdown order: `/readyz` turns 503 at once; after the optional shutdown delay (signing
-goes on), refuse new connections, let in-flight requests finish, then stop the refresher
-and the Vault session (revoking its token, bounded by a short timeout), then the ops
-listener.
+source -> refresher -> store -> signer -> api (in transit mode, TransitMode stands where
+the refresher does: both are the `Freshness` the server drives); the ops app reads the
+store and registry. Shutdown order: `/readyz` turns 503 at once; after the optional
+shutdown delay (signing goes on), refuse new connections, let in-flight requests finish,
+then stop the refresher (or transit's probe) and the Vault session (revoking its token,
+bounded by a short timeout), then the ops listener.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ import signal
 import socket
 import stat
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, disable_created_metrics
@@ -28,16 +28,16 @@ from .audit import AuditLog
 from .blocking import cancel_and_wait
 from .config import Settings
 from .errors import ConfigError
-from .listener import OPS_LIMITS, SIGNING_LIMITS, Listener, raise_fd_limit, signing_limits
+from .freshness import Freshness
+from .listener import Listener
+from .listener_limits import OPS_LIMITS, SIGNING_LIMITS, raise_fd_limit, signing_limits
 from .metrics import Metrics
 from .ops import create_ops_app
 from .refresher import Refresher
 from .sources.factory import build_sources
 from .state import SecretStore
 from .systemd import Notifier, PassedSockets, keep_systemd_informed, take_passed_sockets
-
-if TYPE_CHECKING:
-    from .sources.transit import TransitMode
+from .timing import sleep_or_wake
 
 log = logging.getLogger(__name__)
 
@@ -123,8 +123,7 @@ async def _shutdown_delay(stop: asyncio.Event, delay: float) -> None:
     """Keep serving (unready) for `delay` seconds; a second signal ends the wait."""
     log.info("shutting down: still serving during the shutdown delay", extra={"detail": delay})
     stop.clear()
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(stop.wait(), delay)
+    await sleep_or_wake(stop, delay)
 
 
 def _signing_sockets(settings: Settings, passed: PassedSockets | None) -> list[tuple[str, bool]]:
@@ -182,15 +181,16 @@ async def serve(settings: Settings, *, stop: asyncio.Event | None = None) -> int
     store = SecretStore(names, max_staleness=settings.max_staleness)
     metrics.track_readiness(store.ready)
     sources = build_sources(settings, metrics)
-    refresher: Refresher | TransitMode
+    freshness: Freshness
     if settings.transit is not None:
         # Transit mode: no secret to refresh; Vault signs, a probe keeps readiness honest.
-        from .sources.transit import TransitMode  # hvac is only imported when used
+        from .transit import TransitMode  # hvac is only imported when used
 
-        refresher = TransitMode(settings, store, metrics)
-        sources.shared.append(refresher.session)
+        transit = TransitMode(settings, store, metrics)
+        sources.shared.append(transit.session)
+        freshness = transit
     else:
-        refresher = Refresher(
+        freshness = Refresher(
             sources.sources,
             store,
             metrics,
@@ -216,7 +216,7 @@ async def serve(settings: Settings, *, stop: asyncio.Event | None = None) -> int
             store,
             metrics,
             require_header=settings.require_header,
-            retry_after=refresher.retry_after,
+            retry_after=freshness.retry_after,
             check_host=check_host,
             callers=settings.callers,
             audit=audit,
@@ -271,7 +271,7 @@ async def serve(settings: Settings, *, stop: asyncio.Event | None = None) -> int
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, refresher.refresh_now)
+    loop.add_signal_handler(signal.SIGHUP, freshness.refresh_now)
     log.info(
         "reditus-sidecar started",
         extra={
@@ -281,7 +281,7 @@ async def serve(settings: Settings, *, stop: asyncio.Event | None = None) -> int
         },
     )
     await sources.start()
-    refresher.start()
+    freshness.start()
     notifier = Notifier(os.environ)
     informing = None
     if notifier.enabled:
@@ -321,7 +321,7 @@ async def serve(settings: Settings, *, stop: asyncio.Event | None = None) -> int
             await runner.cleanup()
         if audit is not None:
             await audit.close()
-        await refresher.stop()
+        await freshness.stop()
         await sources.close(revoke=True)
         await ops.stop_accepting()
         await ops_runner.cleanup()

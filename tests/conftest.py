@@ -1,9 +1,82 @@
-"""Shared fixtures. Every test gets a fresh metrics registry; nothing global leaks."""
+"""Shared fixtures, and the line between unit and integration tests.
+
+Every test gets a fresh metrics registry; nothing global leaks.
+
+Unit and integration
+--------------------
+A test is *integration* when it starts or talks to another process: OpenBao, the sidecar
+run as `python -m sidecar`, node (the reference `jose` signer), podman, helm, chromium, any
+command. Every other test is a *unit* test: it runs inside the pytest process (in-process
+aiohttp apps, and servers the test runs itself on loopback, included) and takes
+milliseconds. `pytest -m "not integration"` runs the unit tests alone.
+
+A test is marked `integration`
+1. by its module's `pytestmark` when all the file's tests are integration, or all but a few
+   (at most four) quick in-process checks, which then run with them;
+2. by `@pytest.mark.integration` on the test elsewhere;
+3. automatically, when it uses (itself or through another fixture) one of PROCESS_FIXTURES:
+   `openbao`, `bao`, `sidecar`, `jose`.
+A test without the marker that starts a process fails and says so (`_no_processes`), so the
+unit tier never waits on one.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import subprocess
+from collections.abc import Generator, Iterator
+from typing import Any
+
 import pytest
 from prometheus_client import CollectorRegistry
+
+from tests.support import FakeClock, JoseSigner, SidecarProcess, start_sidecar
+
+# --- unit and integration ---
+
+# Fixtures that start a process (or use one that does): a test using one is integration.
+PROCESS_FIXTURES = frozenset({"openbao", "bao", "sidecar", "jose"})
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` selects on the markers
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if PROCESS_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.integration)
+
+
+def _refuse_process(self: subprocess.Popen[Any], args: Any, *rest: Any, **kwargs: Any) -> None:
+    raise AssertionError(
+        f"a test not marked `integration` started a process ({args!r}): mark it, as "
+        "tests/conftest.py says"
+    )
+
+
+@contextlib.contextmanager
+def _no_processes(item: pytest.Item) -> Iterator[None]:
+    """While a unit test sets up and runs (its module and session fixtures included),
+    starting a process fails it."""
+    if item.get_closest_marker("integration") is not None:
+        yield
+        return
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(subprocess.Popen, "__init__", _refuse_process)
+        yield
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item: pytest.Item) -> Generator[None, None, None]:
+    with _no_processes(item):
+        return (yield)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Generator[None, None, None]:
+    with _no_processes(item):
+        return (yield)
+
+
+# --- in process ---
 
 
 @pytest.fixture
@@ -11,11 +84,44 @@ def registry() -> CollectorRegistry:
     return CollectorRegistry()
 
 
-# --- OpenBao fixtures ---
-# One real OpenBao dev server per test session (started on a free loopback port, stopped
-# by PID); tests stay independent through their own KV paths, policies and roles.
+@pytest.fixture
+def clock() -> FakeClock:
+    """A monotonic clock at 100 s that moves only when the test moves it (`clock.now`).
+    A file whose code reads a module's `time` overrides this fixture with one that
+    requests it and patches that module (tests/test_vault_session.py)."""
+    return FakeClock()
 
-from collections.abc import Iterator  # noqa: E402
+
+# --- processes: the reference signer and the sidecar ---
+
+
+@pytest.fixture(scope="module")
+def jose() -> Iterator[JoseSigner]:
+    """The Reditus guide's `jose` code (node, tests/jose), one process per test module."""
+    signer = JoseSigner()
+    yield signer
+    signer.close()
+
+
+@pytest.fixture(scope="module")
+def sidecar(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[SidecarProcess]:
+    """One `python -m sidecar serve` per test module, on a file secret refreshed every
+    second (`tests.support.start_sidecar`), stopped after the module's tests. Variables for
+    it, as a dict, by indirect parametrisation (one process per distinct dict):
+    `@pytest.mark.parametrize("sidecar", [{"REDITUS_SIDECAR_TOKEN_TTL": "600"}], indirect=True)`.
+    A test that stops, signals or floods its sidecar starts its own instead:
+    `with start_sidecar(tmp_path, **env) as sidecar:`."""
+    env: dict[str, Any] = getattr(request, "param", {})  # REDITUS_* names, not `wait` & co.
+    with start_sidecar(tmp_path_factory.mktemp("sidecar"), **env) as process:
+        yield process
+
+
+# --- OpenBao ---
+# `openbao`: one real OpenBao dev server per test session (per xdist worker; started on a free
+# loopback port, stopped by PID); tests stay independent through their own KV paths, policies
+# and roles. `bao`: a server of the test module's own, for what must not share one.
 
 from sidecar.devserver import OpenBaoDevServer  # noqa: E402
 from sidecar.metrics import Metrics  # noqa: E402
@@ -41,6 +147,15 @@ def openbao(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bao]:
     server = OpenBaoDevServer(extra_config=hcl)
     with server:
         yield Bao(server, tls_addr=f"https://127.0.0.1:{tls_port}", ca_file=tls_dir / "test-ca.pem")
+
+
+@pytest.fixture(scope="module")
+def bao() -> Iterator[Bao]:
+    """A dev server of this test module's own (plain HTTP): its tokens are only this
+    module's to count, its engines this module's to enable (a module overrides `bao` with a
+    fixture that requests it and enables one), its default KV path `reditus` free."""
+    with OpenBaoDevServer() as server:
+        yield Bao(server)
 
 
 @pytest.fixture

@@ -1,4 +1,5 @@
-"""Helpers to run the real sidecar as a process in tests: free ports, wait, stop by PID."""
+"""Helpers for the tests: the real sidecar as a process (free ports, wait, stop by PID), the
+reference `jose` signer, and a fake clock."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import asyncio
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -19,6 +21,7 @@ from pathlib import Path
 
 import aiohttp
 import jwt
+import pytest
 
 TEST_SECRET = "test-product-secret-0123456789abcdef0123456789abcdef0123456789abcdef0123"
 TEST_PRODUCT_ID = "prod-test"
@@ -366,7 +369,6 @@ def open_socket_dir() -> Iterator[Path]:
     """A directory any user can reach (pytest's tmp_path is root-only), for a socket
     that clients of other uids connect to; its socket is made 0666 by `open_to_all` so
     the allow-list, not the file mode, is what decides."""
-    import shutil
     import tempfile
 
     path = Path(tempfile.mkdtemp(prefix="reditus-sock-"))
@@ -409,3 +411,77 @@ def answering_http(body: bytes, content_type: str) -> Iterator[tuple[str, list[d
     finally:
         server.shutdown()
         server.server_close()
+
+
+# --- the reference signer and a fake clock (fixtures `jose` and `clock` in conftest.py) ---
+
+JOSE_DIR = Path(__file__).parent / "jose"
+
+
+class JoseSigner:
+    """A long-lived `node sign.mjs`: one JSON job per line in, one token per line out."""
+
+    def __init__(self) -> None:
+        node = shutil.which("node")
+        if node is None or not (JOSE_DIR / "node_modules" / "jose").is_dir():
+            pytest.fail("node and tests/jose/node_modules/jose are required: run scripts/setup")
+        self.proc = subprocess.Popen(
+            [node, "sign.mjs"],
+            cwd=JOSE_DIR,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            encoding="utf-8",
+        )
+
+    def sign(
+        self, secret: str, product_id: str, user_id: str, iat: int, exp: int | None = None
+    ) -> str:
+        job: dict[str, object] = {
+            "secret": secret,
+            "productId": product_id,
+            "userId": user_id,
+            "iat": iat,
+        }
+        if exp is not None:
+            job["exp"] = exp
+        assert self.proc.stdin
+        assert self.proc.stdout
+        # ensure_ascii keeps lone surrogates as \\uXXXX escapes, which JSON.parse restores.
+        self.proc.stdin.write(json.dumps(job) + "\n")
+        self.proc.stdin.flush()
+        return self.proc.stdout.readline().strip()
+
+    def close(self) -> None:
+        assert self.proc.stdin
+        self.proc.stdin.close()
+        self.proc.wait(10)
+
+
+class FakeClock:
+    """A clock that moves only when the test moves it (`clock.now += 5`).
+
+    Calling it, or `monotonic()`, reads `now`; `perf_counter()` reads `perf`; `time()` is
+    Unix time, `epoch + now`, or the real time when `epoch` is None. Hand it to what takes a
+    clock (`SecretStore(monotonic=clock)`), or stand it in for a module's `time`
+    (`monkeypatch.setattr(module, "time", clock)`): it has the three functions of `time`
+    the sidecar reads."""
+
+    def __init__(
+        self, now: float = 100.0, *, perf: float = 1000.0, epoch: float | None = None
+    ) -> None:
+        self.now = now
+        self.perf = perf
+        self.epoch = epoch
+
+    def __call__(self) -> float:
+        return self.now
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def perf_counter(self) -> float:
+        return self.perf
+
+    def time(self) -> float:
+        return time.time() if self.epoch is None else self.epoch + self.now

@@ -14,6 +14,8 @@ import yaml
 
 from tests.support import ROOT, exported_names, scrape, start_sidecar
 
+pytestmark = pytest.mark.integration
+
 RULES = ROOT / "deploy" / "prometheus" / "reditus-sidecar.rules.yaml"
 RULE_TESTS = ROOT / "deploy" / "prometheus" / "reditus-sidecar.rules.test.yaml"
 WANTED = {

@@ -30,7 +30,7 @@ from sidecar.redact import Redacted
 from sidecar.signer import RemoteSigner, TokenSigner
 from sidecar.state import SecretStore, Snapshot
 
-from .support import eventually_async
+from .support import FakeClock, eventually_async
 
 SECRET = "api-test-secret-0123456789abcdef0123456789abcdef0123456789abcdef01234"
 NOW = 1795460465.7
@@ -354,14 +354,15 @@ async def test_503_with_retry_after_before_a_secret_is_loaded(
     await expect_error(response, 400, "invalid_request")
 
 
-async def test_stale_secret_answers_503(aiohttp_client: Any, registry: CollectorRegistry) -> None:
-    clock = [100.0]
+async def test_stale_secret_answers_503(
+    aiohttp_client: Any, registry: CollectorRegistry, clock: FakeClock
+) -> None:
     metrics = Metrics(registry, ["default"], "test")
-    store = SecretStore(["default"], max_staleness=30, monotonic=lambda: clock[0])
+    store = SecretStore(["default"], max_staleness=30, monotonic=clock)
     store.replace("default", Snapshot(TokenSigner("p", Redacted(SECRET)), 1, NOW))
     client = await aiohttp_client(create_api_app(store, metrics, clock=lambda: NOW))
     assert (await client.post("/v1/token", json={"userId": "u"}, headers=HEADERS)).status == 200
-    clock[0] += 31
+    clock.now += 31
     response = await client.post("/v1/token", json={"userId": "u"}, headers=HEADERS)
     await expect_error(response, 503, "secret_unavailable")
     store.confirm("default")

@@ -46,6 +46,8 @@ from tests.support import (
     write_secret,
 )
 
+pytestmark = pytest.mark.integration
+
 AUDIT_KEY = b"audit-key-for-tests-0123456789abcdef-0123456789"
 WRITTEN = "reditus_sidecar_audit_records_total"
 WRITE_ERRORS = 'reditus_sidecar_audit_errors_total{reason="write"}'

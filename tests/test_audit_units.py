@@ -26,13 +26,13 @@ from sidecar.audit import (
     Entry,
     _FileTarget,
     _UserHasher,
-    key_id,
-    read_key,
 )
+from sidecar.audit_key import key_id, read_key
 from sidecar.callers import Caller
 from sidecar.config import AuditSettings
 from sidecar.errors import ConfigError
 from sidecar.metrics import Metrics
+from tests.support import FakeClock
 
 KEY = b"k" * 32
 RECORD: dict[str, Any] = {
@@ -99,14 +99,6 @@ def written(registry: CollectorRegistry) -> float | None:
 
 def entry(user_id: str = "u-1") -> Entry:
     return Entry(0.0, "r", "default", "p", 1, 1, "tcp", user_id, None)
-
-
-class Clock:
-    def __init__(self, now: float) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 # --- the key ------------------------------------------------------------------------------
@@ -183,10 +175,12 @@ def test_the_key_id_is_a_16_hex_digit_hmac() -> None:
 
 
 def test_the_key_is_reread_at_most_once_a_second_and_only_when_it_changed(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    clock: FakeClock,
 ) -> None:
     caplog.set_level(logging.INFO, logger="sidecar.audit")
-    clock = Clock(100.0)
     monkeypatch.setattr(time, "monotonic", clock)
     path = tmp_path / "key"
     path.write_bytes(KEY)
@@ -417,7 +411,7 @@ def test_write_failures_are_reported_once_per_interval_then_recovery_once(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="sidecar.audit")
-    clock = Clock(0.0)  # a monotonic clock may start at zero: the first failure still logs
+    clock = FakeClock(0.0)  # a monotonic clock may start at zero: the first failure still logs
     monkeypatch.setattr(time, "monotonic", clock)
     target = FakeTarget()
     audit, registry = make_audit(tmp_path, target=target)

@@ -24,6 +24,7 @@ async def test_the_result_and_the_exception_reach_the_loop() -> None:
         await start_in_thread(fail, name="t")
 
 
+@pytest.mark.integration
 def test_a_call_that_never_returns_does_not_hold_the_exit() -> None:
     script = textwrap.dedent(
         """

@@ -21,11 +21,14 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import pytest
 from playwright.sync_api import Error as PlaywrightError
 from playwright.sync_api import Page, Request, Response
 
 from tests.browser import chromium
 from tests.support import SidecarProcess, eventually, free_port, scrape, start_sidecar
+
+pytestmark = pytest.mark.integration
 
 ATTACKER = "attacker.test"
 ISSUED = 'reditus_sidecar_tokens_issued_total{product="default"}'

@@ -38,6 +38,7 @@ from tests.support import (
 REFUSED = 'reditus_sidecar_token_errors_total{reason="caller_not_allowed"}'
 
 
+@pytest.mark.integration
 def test_listed_uid_or_gid_signs_others_are_refused_and_tcp_too(tmp_path: Path) -> None:
     with open_socket_dir() as sockets:
         socket_path = sockets / "sidecar.sock"
@@ -83,6 +84,7 @@ def test_listed_uid_or_gid_signs_others_are_refused_and_tcp_too(tmp_path: Path) 
             assert scrape_value(sidecar.metrics_url, REFUSED) == 6
 
 
+@pytest.mark.integration
 def test_without_a_list_any_local_caller_signs(tmp_path: Path) -> None:
     with open_socket_dir() as sockets:
         socket_path = sockets / "sidecar.sock"
@@ -152,6 +154,7 @@ class _FourTuple:
         return self._local
 
 
+@pytest.mark.integration
 def test_tcp_peer_uid_while_it_owns_its_socket_and_not_in_time_wait() -> None:
     """inet_diag names the uid owning the peer's socket; once the peer has closed first and
     sits in TIME_WAIT nobody owns it (the kernel reports uid 0), so it is unidentified."""
@@ -210,6 +213,7 @@ def test_ids_parse_with_spaces_and_either_list_alone(file_env: dict[str, str]) -
     assert load_settings({**file_env, "REDITUS_SIDECAR_ALLOWED_UIDS": ""}).callers is None
 
 
+@pytest.mark.integration
 def test_serve_exits_2_on_a_bad_id(file_env: dict[str, str]) -> None:
     proc, lines = spawn(["serve"], base_env(**file_env, REDITUS_SIDECAR_ALLOWED_GIDS="staff"))
     assert proc.wait(30) == 2
@@ -291,6 +295,7 @@ def _wait_for_peer_state(conn: socket.socket, state: int) -> None:
         time.sleep(0.01)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(
     ("steps", "state"),
     [
@@ -315,6 +320,7 @@ def test_tcp_peer_shutting_down_still_owns_its_socket(steps: list[str], state: i
     peers.close()
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("steps", [["close"], ["fill", "close"]])
 def test_tcp_peer_that_closed_its_socket_is_unidentified(steps: list[str]) -> None:
     """A peer that sent its request and closed at once leaves an orphan in FIN_WAIT (the
@@ -330,6 +336,7 @@ def test_tcp_peer_that_closed_its_socket_is_unidentified(steps: list[str]) -> No
     peers.close()
 
 
+@pytest.mark.integration
 def test_tcp_peer_bound_to_loopback_is_identified() -> None:
     """A socket bound to `lo` (SO_BINDTODEVICE, no privilege needed) is found only by a lookup
     on that interface; the listener is loopback-only, so every peer is on `lo`."""
@@ -339,6 +346,7 @@ def test_tcp_peer_bound_to_loopback_is_identified() -> None:
     peers.close()
 
 
+@pytest.mark.integration
 def test_tcp_lookups_go_on_after_many_a_miss_and_a_close() -> None:
     """One netlink socket answers lookup after lookup (sequence numbers well past 256), a
     socket that does not exist is unidentified without upsetting the next lookup, and after

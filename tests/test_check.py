@@ -14,6 +14,8 @@ from sidecar.devserver import free_port_pair
 from tests.openbao import Bao, make_ca, unique, write_file
 from tests.support import ROOT, base_env
 
+pytestmark = pytest.mark.integration
+
 PRODUCT_SECRET = "check-secret-" + "c" * 64
 
 

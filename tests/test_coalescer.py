@@ -16,6 +16,7 @@ import pytest
 
 from sidecar.coalescer import Coalescer
 from sidecar.errors import SecretUnavailable, SourceError
+from tests.support import FakeClock
 
 
 class Remote:
@@ -45,21 +46,13 @@ class Remote:
         self.gates[index].set_result(failure)
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def make(remote: Remote, clock: Clock | None = None, **kwargs: int) -> Coalescer[str, str]:
+def make(remote: Remote, clock: FakeClock | None = None, **kwargs: int) -> Coalescer[str, str]:
     return Coalescer(
         remote.call,
         max_batch=kwargs.pop("max_batch", 3),
         backoff_max=kwargs.pop("backoff_max", 8),
         rng=random.Random(1),
-        monotonic=clock or Clock(),
+        monotonic=clock or FakeClock(),
         **kwargs,
     )
 
@@ -101,10 +94,10 @@ async def test_an_item_error_fails_only_that_item() -> None:
 
 
 async def test_a_failed_call_fails_the_waiting_requests_and_refuses_at_once(
-    caplog: pytest.LogCaptureFixture,
+    caplog: pytest.LogCaptureFixture, clock: FakeClock
 ) -> None:
     caplog.set_level(logging.WARNING, logger="sidecar.coalescer")
-    remote, clock = Remote(), Clock()
+    remote = Remote()
     coalescer = make(remote, clock)
     first = asyncio.ensure_future(coalescer.submit("a"))
     await remote.wait_calls(1)
@@ -143,8 +136,8 @@ async def test_a_failed_call_fails_the_waiting_requests_and_refuses_at_once(
     assert await second == "I"
 
 
-async def test_the_window_grows_with_failures_and_honours_retry_after() -> None:
-    remote, clock = Remote(), Clock()
+async def test_the_window_grows_with_failures_and_honours_retry_after(clock: FakeClock) -> None:
+    remote = Remote()
     coalescer = make(remote, clock, backoff_max=8)
     windows = []
     for index in range(5):
@@ -222,8 +215,7 @@ async def test_a_crashing_call_fails_its_batch_and_the_queue_moves_on(
 
 
 async def test_a_fresh_coalescer_refuses_for_nothing_whatever_the_clock() -> None:
-    clock = Clock()
-    clock.now = 0.0  # time.monotonic()'s reference point is undefined
+    clock = FakeClock(0.0)  # time.monotonic()'s reference point is undefined
     coalescer = make(Remote(), clock)
     assert coalescer.refused_for() == 0.0
     assert not coalescer.failing

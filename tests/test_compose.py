@@ -55,6 +55,8 @@ from tests.test_image import (
     tool,
 )
 
+pytestmark = pytest.mark.integration
+
 COMPOSE_DIR = ROOT / "deploy" / "compose"
 COMPOSE = COMPOSE_DIR / "compose.yaml"
 OFFLINE = COMPOSE_DIR / "compose.offline.yaml"

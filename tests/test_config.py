@@ -207,6 +207,7 @@ def test_unknown_variables_are_reported_but_service_links_are_not(file_env: dict
     assert load_settings(env).unknown_env == ("REDITUS_SIDECAR_REFRESH_INTERVALL",)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("command", ["serve", "check", "sign --user-id u-1"])
 def test_cli_exits_2_with_one_clear_line(command: str, file_env: dict[str, str]) -> None:
     env = base_env(**file_env, REDITUS_SIDECAR_LISTEN="0.0.0.0:8787")
@@ -219,6 +220,7 @@ def test_cli_exits_2_with_one_clear_line(command: str, file_env: dict[str, str])
     assert "Traceback" not in output
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(
     ("env", "needle"),
     [
@@ -246,6 +248,7 @@ def test_serve_refuses_bad_values_as_a_process(
     assert "Traceback" not in output
 
 
+@pytest.mark.integration
 def test_cli_refuses_a_missing_config_file() -> None:
     proc, lines = spawn(["serve", "--config", "/no/such.toml"], base_env())
     assert proc.wait(30) == 2

@@ -20,6 +20,8 @@ import pytest
 from sidecar.devserver import BaoNotFound, find_bao
 from tests.support import base_env, free_port, post_token, signed_with, spawn
 
+pytestmark = pytest.mark.integration
+
 
 def wait_for_line(lines: list[str], pattern: str, proc: subprocess.Popen[str], within: float):
     deadline = time.monotonic() + within

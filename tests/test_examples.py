@@ -45,6 +45,8 @@ from tests.support import (
     start_sidecar,
 )
 
+pytestmark = pytest.mark.integration
+
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "deploy" / "examples"
 
@@ -119,12 +121,6 @@ def verify(token: str, sidecar: SidecarProcess, user_id: str) -> None:
     assert abs(claims["iat"] - time.time()) < 300
     with pytest.raises(jwt.InvalidSignatureError):
         jwt.decode(token, sidecar.secret + "x", algorithms=["HS512"])
-
-
-@pytest.fixture(scope="module")
-def sidecar(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SidecarProcess]:
-    with start_sidecar(tmp_path_factory.mktemp("sidecar")) as process:
-        yield process
 
 
 @pytest.mark.parametrize("example", ["node", "python"])

@@ -10,7 +10,6 @@ import asyncio
 import os
 import re
 import signal
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +22,8 @@ from hypothesis import HealthCheck, given, settings
 from prometheus_client import CollectorRegistry
 
 from sidecar.api import create_api_app
-from sidecar.listener import PROTOCOL_ERROR_CODES, SIGNING_LIMITS
+from sidecar.listener import PROTOCOL_ERROR_CODES
+from sidecar.listener_limits import SIGNING_LIMITS
 from sidecar.metrics import ERROR_REASONS, Metrics
 from sidecar.redact import Redacted
 from sidecar.signer import TokenSigner
@@ -66,12 +66,6 @@ def check_token(body: bytes) -> None:
     token = yaml.safe_load(body)["token"]  # JSON is YAML; avoids a second parser import
     claims = jwt.decode(token, TEST_SECRET, algorithms=["HS512"])
     assert claims["ProductId"] == TEST_PRODUCT_ID
-
-
-@pytest.fixture(scope="module")
-def sidecar(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SidecarProcess]:
-    with start_sidecar(tmp_path_factory.mktemp("hardening")) as process:
-        yield process
 
 
 # --- the OpenAPI description -------------------------------------------------------------
@@ -232,6 +226,7 @@ def test_connections_up_to_a_callers_share_are_all_served(sidecar: SidecarProces
     assert asyncio.run(_burst(host, int(port), count)) == [200] * count
 
 
+@pytest.mark.integration
 def test_an_allowed_caller_is_served_up_to_the_cap(tmp_path: Path) -> None:
     """The callers an allow-list names are held to no share: the app may fill the listener."""
     with start_sidecar(tmp_path, REDITUS_SIDECAR_ALLOWED_UIDS=str(os.getuid())) as sidecar:
@@ -264,6 +259,7 @@ def test_a_burst_past_the_cap_is_shed_and_counted(sidecar: SidecarProcess) -> No
     assert post_token(sidecar.api_url, {"userId": "after"})[0] == 200
 
 
+@pytest.mark.integration
 def test_sigterm_under_load_loses_no_accepted_request(tmp_path: Path) -> None:
     """Clients on keep-alive connections send back to back; SIGTERM lands mid-stream.
     Every request fully written before the signal gets a 200 with a valid token; after it,

@@ -20,6 +20,8 @@ import jsonschema
 import pytest
 import yaml
 
+pytestmark = pytest.mark.integration
+
 ROOT = Path(__file__).resolve().parent.parent
 CHART = ROOT / "helm" / "reditus-sidecar"
 SCENARIOS = sorted(p.name for p in (CHART / "ci").glob("*-values.yaml"))

@@ -18,11 +18,14 @@ from pathlib import Path
 from typing import Any
 
 import jwt
+import pytest
 import yaml
 
 from tests.openbao import Bao, service_account_jwt
 from tests.support import ROOT, base_env
 from tests.test_helm import NAMESPACE, RELEASE, helm_template, of_kind, sidecar_container
+
+pytestmark = pytest.mark.integration
 
 CI = ROOT / "helm" / "reditus-sidecar" / "ci"
 KV_SECRET = "secret-one-" + "x" * 64  # what the kv_path fixture stores

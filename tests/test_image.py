@@ -51,8 +51,9 @@ from packaging.markers import default_environment
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-from tests.support import ROOT, eventually
-from tests.test_signer import JoseSigner
+from tests.support import ROOT, JoseSigner, eventually
+
+pytestmark = pytest.mark.integration
 
 DOCKERFILE = ROOT / "deploy" / "container" / "Dockerfile"
 LOCK = ROOT / "deploy" / "container" / "requirements.lock"

@@ -27,6 +27,8 @@ from .support import (
     write_secret,
 )
 
+pytestmark = pytest.mark.integration
+
 # --- the unix socket ---------------------------------------------------------------------
 
 

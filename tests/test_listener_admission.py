@@ -18,9 +18,11 @@ from pathlib import Path
 
 import pytest
 
-from sidecar.listener import signing_limits
+from sidecar.listener_limits import signing_limits
 
 from .support import SidecarProcess, eventually_async, metric_value, scrape, start_sidecar
+
+pytestmark = pytest.mark.integration
 
 NOFILE = 128
 CAP, SHARE = 32, 16  # the signing listener's cap under NOFILE, and one caller's share

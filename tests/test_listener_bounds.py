@@ -12,12 +12,12 @@ import json
 import os
 import resource
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from sidecar.listener import MAX_FIELD_SIZE, MAX_HEADERS, OPS_LIMITS
+from sidecar.listener import MAX_FIELD_SIZE, MAX_HEADERS
+from sidecar.listener_limits import OPS_LIMITS
 
 from .support import (
     SidecarProcess,
@@ -27,6 +27,8 @@ from .support import (
     start_sidecar,
     wait_http,
 )
+
+pytestmark = pytest.mark.integration
 
 CHART_MEMORY_LIMIT_MIB = 128
 USER_ID = "u-4242-private-user"
@@ -66,12 +68,6 @@ def _many_client_sockets() -> None:
     """The floods below need more sockets than a default soft limit gives the test."""
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-
-
-@pytest.fixture(scope="module")
-def sidecar(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SidecarProcess]:
-    with start_sidecar(tmp_path_factory.mktemp("bounds")) as process:
-        yield process
 
 
 def big_head(index: int) -> bytes:

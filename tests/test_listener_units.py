@@ -25,20 +25,23 @@ from sidecar import listener as listener_module
 from sidecar.callers import Caller, CallerPolicy, caller_of
 from sidecar.listener import (
     ALLOW_LIST,
-    CALLER_SHARE,
     MAX_FIELD_SIZE,
     MAX_HEADERS,
     MAX_LINE_SIZE,
-    OPS_LIMITS,
-    SIGNING_LIMITS,
-    Limits,
     Listener,
     _protocol_error,
     _ProtocolErrorLog,
+)
+from sidecar.listener_limits import (
+    CALLER_SHARE,
+    OPS_LIMITS,
+    SIGNING_LIMITS,
+    Limits,
     raise_fd_limit,
     signing_limits,
 )
 from sidecar.metrics import Metrics
+from tests.support import FakeClock
 
 
 def sample(registry: CollectorRegistry, name: str, listener: str = "test") -> float | None:
@@ -704,18 +707,10 @@ async def test_100_continue_is_still_honoured(expect: bytes, continues: bool) ->
     assert sample(registry, "http_protocol_errors_total") == 0
 
 
-class Clock:
-    def __init__(self, now: float) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
 def test_protocol_errors_are_logged_once_per_interval_with_their_count(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    clock = Clock(0.0)  # a monotonic clock may start at zero: the first error still logs
+    clock = FakeClock(0.0)  # a monotonic clock may start at zero: the first error still logs
     monkeypatch.setattr(time, "monotonic", clock)
     registry = CollectorRegistry()
     errors = _ProtocolErrorLog("test", Metrics(registry, [], "test"))

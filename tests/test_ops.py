@@ -9,27 +9,19 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter
 
-from sidecar.listener import OPS_LIMITS, Listener
+from sidecar.listener import Listener
+from sidecar.listener_limits import OPS_LIMITS
 from sidecar.metrics import Metrics
 from sidecar.ops import MetricsCache, create_ops_app
 from sidecar.redact import Redacted
 from sidecar.signer import TokenSigner
 from sidecar.state import SecretStore, Snapshot
-from tests.support import TEST_SECRET
+from tests.support import TEST_SECRET, FakeClock
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def test_renders_fresh_within_the_burst_then_serves_the_last_one() -> None:
+def test_renders_fresh_within_the_burst_then_serves_the_last_one(clock: FakeClock) -> None:
     registry = CollectorRegistry()
     hits = Counter("hits", "test counter", registry=registry)
-    clock = Clock()
     cache = MetricsCache(registry, rate=10.0, burst=3.0, clock=clock)
     for expected in (0, 1, 2):  # the burst: every scrape sees the current value
         assert f"hits_total {expected}.0".encode() in cache.exposition()
@@ -47,9 +39,8 @@ def test_renders_fresh_within_the_burst_then_serves_the_last_one() -> None:
     assert cache.renders == 7
 
 
-def test_by_default_20_renders_a_second_at_most() -> None:
+def test_by_default_20_renders_a_second_at_most(clock: FakeClock) -> None:
     """As documented: at most 20 renderings a second, in between the last one (< 50 ms old)."""
-    clock = Clock()
     cache = MetricsCache(CollectorRegistry(), clock=clock)
     for _ in range(100):
         cache.exposition()
@@ -62,8 +53,7 @@ def test_by_default_20_renders_a_second_at_most() -> None:
     assert cache.renders == 21
 
 
-async def test_readyz_tells_each_products_state(aiohttp_client: Any) -> None:
-    clock = Clock()
+async def test_readyz_tells_each_products_state(aiohttp_client: Any, clock: FakeClock) -> None:
     store = SecretStore(["a", "b"], max_staleness=60.0, monotonic=clock)
     client = await aiohttp_client(create_ops_app(store, CollectorRegistry()))
 

@@ -54,7 +54,7 @@ from packaging.utils import canonicalize_name
 import sidecar
 from tests.support import ROOT, free_port, post_token, signed_with, wait_http, write_secret
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(600)]
 
 NAME = "reditus-sidecar"
 DIST_NAME = "reditus_sidecar"  # the file-name form of NAME (PEP 625, wheel file names)

@@ -17,11 +17,12 @@ from sidecar.errors import SecretUnavailable
 from sidecar.metrics import Metrics
 from sidecar.ops import create_ops_app
 from sidecar.redact import Redacted
-from sidecar.refresher import MIN_SPACING, Refresher, backoff_delay
+from sidecar.refresher import MIN_SPACING, Refresher
 from sidecar.sources.base import SecretMaterial
 from sidecar.sources.file import FileSource
 from sidecar.state import SecretStore
-from tests.support import eventually_async, write_secret
+from sidecar.timing import backoff_delay
+from tests.support import FakeClock, eventually_async, write_secret
 
 
 class ScriptedSource:
@@ -103,8 +104,8 @@ async def test_unchanged_reads_keep_the_secret_fresh_under_max_staleness(
 ) -> None:
     """An unchanged read confirms the secret: without it every pod would go unready once
     MAX_STALENESS passed without a rotation."""
-    now = [0.0]
-    store = SecretStore(["default"], max_staleness=10.0, monotonic=lambda: now[0])
+    clock = FakeClock(0.0)
+    store = SecretStore(["default"], max_staleness=10.0, monotonic=clock)
     src = ScriptedSource()
     src.answer = material("one", 4)
     ref = Refresher(
@@ -116,10 +117,10 @@ async def test_unchanged_reads_keep_the_secret_fresh_under_max_staleness(
     )
     assert await ref.refresh("default")
     for _ in range(5):  # 40 s of unchanged reads every 8 s, each within the 10 s bound
-        now[0] += 8.0
+        clock.now += 8.0
         assert await ref.refresh("default")
         assert store.current("default") is not None
-    now[0] += 11.0  # no read for longer than MAX_STALENESS: now it is stale
+    clock.now += 11.0  # no read for longer than MAX_STALENESS: now it is stale
     assert store.current("default") is None
 
 
@@ -131,8 +132,8 @@ async def test_max_staleness_counts_from_the_last_success_while_reads_keep_faili
     read. A failed read must neither count as a success nor be the only moment staleness
     is looked at. The refresher runs its real loop (failures every few ms of real time);
     the store's staleness clock is a fake one the test moves."""
-    now = [0.0]
-    store = SecretStore(["default"], max_staleness=10.0, monotonic=lambda: now[0])
+    clock = FakeClock(0.0)
+    store = SecretStore(["default"], max_staleness=10.0, monotonic=clock)
     metrics = Metrics(registry, ["default"], "test")
     src = ScriptedSource()
     src.answer = material("one", 1)
@@ -173,7 +174,7 @@ async def test_max_staleness_counts_from_the_last_success_while_reads_keep_faili
         await eventually_async(lambda: store.peek("default") is not None, what="the good read")
         src.answer = SecretUnavailable("vault down")  # from now on every read fails
         await two_more_failures("failures right after the good read")
-        now[0] = 9.5  # 9.5 s since the good read, reads failing all along
+        clock.now = 9.5  # 9.5 s since the good read, reads failing all along
         await two_more_failures("failures at 9.5 s")
         status, product = await readyz()
         assert (status, product["usable"], product["secondsSinceRefresh"]) == (200, True, 9.5)
@@ -181,7 +182,7 @@ async def test_max_staleness_counts_from_the_last_success_while_reads_keep_faili
         assert status == 200, body
         assert jwt.decode(body["token"], "one", algorithms=["HS512"])["UserId"] == "u"
 
-        now[0] = 10.5  # past MAX_STALENESS since the good read, failures still going on
+        clock.now = 10.5  # past MAX_STALENESS since the good read, failures still going on
         await two_more_failures("failures at 10.5 s")
         status, product = await readyz()
         assert (status, product["loaded"], product["usable"]) == (503, True, False)
@@ -190,7 +191,7 @@ async def test_max_staleness_counts_from_the_last_success_while_reads_keep_faili
         assert (status, body["error"]["code"]) == (503, "secret_unavailable")
         assert retry_after is not None
         assert int(retry_after) >= 1
-        now[0] = 60.0  # and it stays so for as long as the reads fail
+        clock.now = 60.0  # and it stays so for as long as the reads fail
         await two_more_failures("failures at 60 s")
         assert (await readyz())[0] == 503
         assert (await sign())[0] == 503

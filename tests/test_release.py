@@ -81,6 +81,7 @@ def actionlint(*files: Path) -> subprocess.CompletedProcess[str]:
     return run(tool("actionlint"), "-no-color", "-shellcheck", tool("shellcheck"), *files)
 
 
+@pytest.mark.integration
 def test_workflows_are_actionlint_clean() -> None:
     files = sorted(WORKFLOWS.glob("*.yml"))
     assert {f.name for f in files} >= {"ci.yml", "release.yml"}
@@ -88,6 +89,7 @@ def test_workflows_are_actionlint_clean() -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(
     ("change", "expected"),
     [
@@ -232,6 +234,7 @@ def test_release_builds_both_platforms_from_the_dockerfile_signs_and_attests() -
 # --- one version, one image name --------------------------------------------------------
 
 
+@pytest.mark.integration
 def test_one_version_everywhere() -> None:
     version = project_version()
     meta = chart_meta()
@@ -262,6 +265,7 @@ def release_env() -> dict[str, str]:
     return workflow(RELEASE_WORKFLOW)["env"]
 
 
+@pytest.mark.integration
 def test_the_chart_defaults_to_the_image_the_release_pushes() -> None:
     image = release_env()["IMAGE"]
     values = yaml.safe_load((CHART / "values.yaml").read_text())["sidecar"]["image"]
@@ -283,6 +287,7 @@ def test_the_readmes_name_the_released_image_and_chart() -> None:
         assert charts in text, readme
 
 
+@pytest.mark.integration
 def test_an_image_of_your_own_still_overrides_the_default() -> None:
     docs = [
         d
@@ -351,6 +356,7 @@ def notes(root: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return run(sys.executable, root / "scripts" / "release-notes", *args, cwd=root)
 
 
+@pytest.mark.integration
 def test_release_notes_print_one_section(tmp_path: Path) -> None:
     root = release_tree(tmp_path)
     proc = notes(root, "1.2.0")
@@ -363,6 +369,7 @@ def test_release_notes_print_one_section(tmp_path: Path) -> None:
     assert notes(root, "Unreleased").stdout == "- unreleased thing\n"
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -378,6 +385,7 @@ def test_release_notes_refuse(tmp_path: Path, args: tuple[str, ...], message: st
     assert message in proc.stderr
 
 
+@pytest.mark.integration
 def test_release_notes_refuse_an_empty_section(tmp_path: Path) -> None:
     root = release_tree(tmp_path, CHANGELOG_SAMPLE.replace("- older\n", ""))
     proc = notes(root, "1.1.0")
@@ -385,6 +393,7 @@ def test_release_notes_refuse_an_empty_section(tmp_path: Path) -> None:
     assert "section for 1.1.0 is empty" in proc.stderr
 
 
+@pytest.mark.integration
 def test_a_tag_needs_a_dated_section(tmp_path: Path) -> None:
     assert notes(release_tree(tmp_path / "a"), "--tag", "v1.2.0").returncode == 0
     undated = notes(release_tree(tmp_path / "b", version="1.0.0"), "--tag", "v1.0.0")
@@ -392,6 +401,7 @@ def test_a_tag_needs_a_dated_section(tmp_path: Path) -> None:
     assert "no release date" in undated.stderr
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("field", ["version", "appVersion"])
 def test_a_tag_is_refused_when_the_chart_disagrees(tmp_path: Path, field: str) -> None:
     root = release_tree(tmp_path)
@@ -405,6 +415,7 @@ def test_a_tag_is_refused_when_the_chart_disagrees(tmp_path: Path, field: str) -
     assert f"Chart.yaml {field} is 1.2.1" in proc.stderr
 
 
+@pytest.mark.integration
 def test_this_version_can_be_released() -> None:
     version = project_version()
     proc = run(RELEASE_NOTES, "--tag", f"v{version}")
@@ -488,6 +499,7 @@ def findings(proc: subprocess.CompletedProcess[str]) -> list[tuple[str, str, str
     ]
 
 
+@pytest.mark.integration
 def test_trivy_finds_nothing_but_the_accepted(scan_target: Path, trivy_cache: Path) -> None:
     proc = trivy_config(
         scan_target, trivy_cache, "--ignorefile", str(TRIVY_IGNORE), "--exit-code", "1"
@@ -495,6 +507,7 @@ def test_trivy_finds_nothing_but_the_accepted(scan_target: Path, trivy_cache: Pa
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
+@pytest.mark.integration
 def test_each_accepted_finding_occurs_and_has_a_reason(
     scan_target: Path, trivy_cache: Path
 ) -> None:
@@ -510,6 +523,7 @@ def test_each_accepted_finding_occurs_and_has_a_reason(
             assert message.startswith("Container 'app' "), message
 
 
+@pytest.mark.integration
 def test_trivy_fails_on_a_broken_dockerfile(tmp_path: Path, trivy_cache: Path) -> None:
     # Running as root (no USER) is DS002: a scan that found nothing here would mean the
     # checks did not run.
@@ -523,6 +537,7 @@ def test_trivy_fails_on_a_broken_dockerfile(tmp_path: Path, trivy_cache: Path) -
     assert "AVD-DS-0002" in proc.stdout
 
 
+@pytest.mark.integration
 def test_setup_says_plainly_that_the_test_tools_need_x86_64(tmp_path: Path) -> None:
     """On another architecture the wheels' binaries would fail half-way; setup says why."""
     fake = tmp_path / "bin"

@@ -11,7 +11,6 @@ import json
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import hvac.exceptions
@@ -21,12 +20,7 @@ from sidecar.devserver import OpenBaoDevServer
 from tests.openbao import Bao, unique, vault_sidecar, write_file
 from tests.support import ROOT, base_env, signed_with
 
-
-@pytest.fixture(scope="module")
-def bao() -> Iterator[Bao]:
-    """A server of this module's own: few tokens, so finding the sidecar's is cheap."""
-    with OpenBaoDevServer() as server:
-        yield Bao(server)
+pytestmark = pytest.mark.integration
 
 
 def accessors_of_role(bao: Bao, role: str) -> list[str]:

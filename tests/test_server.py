@@ -41,6 +41,8 @@ from tests.support import (
     write_secret,
 )
 
+pytestmark = pytest.mark.integration
+
 HEADERS = {"Content-Type": "application/json", "X-Sidecar-Request": "true"}
 
 

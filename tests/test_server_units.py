@@ -93,6 +93,7 @@ async def test_shutdown_closes_connections_kept_alive_on_the_signing_listener(
         writer.close()
 
 
+@pytest.mark.integration
 def test_a_file_source_sidecar_never_loads_the_vault_client(tmp_path: Path) -> None:
     """hvac and requests cost about 0.1 s and 5 MB at start (measured); a sidecar that reads
     its secret from a file builds everything it runs without them."""

@@ -6,10 +6,6 @@ import base64
 import hashlib
 import hmac
 import json
-import shutil
-import subprocess
-from collections.abc import Iterator
-from pathlib import Path
 
 import jwt
 import pytest
@@ -19,56 +15,7 @@ from hypothesis import strategies as st
 import sidecar.signer
 from sidecar.redact import Redacted
 from sidecar.signer import TokenSigner
-
-JOSE_DIR = Path(__file__).parent / "jose"
-
-
-class JoseSigner:
-    """A long-lived `node sign.mjs`: one JSON job per line in, one token per line out."""
-
-    def __init__(self) -> None:
-        node = shutil.which("node")
-        if node is None or not (JOSE_DIR / "node_modules" / "jose").is_dir():
-            pytest.fail("node and tests/jose/node_modules/jose are required: run scripts/setup")
-        self.proc = subprocess.Popen(
-            [node, "sign.mjs"],
-            cwd=JOSE_DIR,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-            encoding="utf-8",
-        )
-
-    def sign(
-        self, secret: str, product_id: str, user_id: str, iat: int, exp: int | None = None
-    ) -> str:
-        job: dict[str, object] = {
-            "secret": secret,
-            "productId": product_id,
-            "userId": user_id,
-            "iat": iat,
-        }
-        if exp is not None:
-            job["exp"] = exp
-        assert self.proc.stdin
-        assert self.proc.stdout
-        # ensure_ascii keeps lone surrogates as \\uXXXX escapes, which JSON.parse restores.
-        self.proc.stdin.write(json.dumps(job) + "\n")
-        self.proc.stdin.flush()
-        return self.proc.stdout.readline().strip()
-
-    def close(self) -> None:
-        assert self.proc.stdin
-        self.proc.stdin.close()
-        self.proc.wait(10)
-
-
-@pytest.fixture(scope="module")
-def jose() -> Iterator[JoseSigner]:
-    signer = JoseSigner()
-    yield signer
-    signer.close()
-
+from tests.support import JoseSigner
 
 SECRET = "0f3c7e1b9a2d4c6e8f0a1b2c3d4e5f60718293a4b5c6d7e8f90a1b2c3d4e5f6071"
 USER_IDS = [

@@ -10,22 +10,22 @@ import pytest
 from sidecar.redact import Redacted
 from sidecar.signer import TokenSigner
 from sidecar.state import SecretStore, Snapshot
+from tests.support import FakeClock
 
 
 def snapshot(version: int = 1) -> Snapshot:
     return Snapshot(signer=TokenSigner("p", Redacted("s" * 64)), version=version, loaded_at=0.0)
 
 
-def test_a_secret_serves_up_to_max_staleness_and_not_a_moment_longer() -> None:
-    now = [100.0]
-    store = SecretStore(["a"], max_staleness=30.0, monotonic=lambda: now[0])
+def test_a_secret_serves_up_to_max_staleness_and_not_a_moment_longer(clock: FakeClock) -> None:
+    store = SecretStore(["a"], max_staleness=30.0, monotonic=clock)
     assert store.age("a") == math.inf
     assert store.current("a") is None
     store.replace("a", snapshot())
-    now[0] += 30.0
+    clock.now += 30.0
     assert store.age("a") == 30.0
     assert store.current("a") is not None  # exactly the limit still serves
-    now[0] += 0.5
+    clock.now += 0.5
     assert store.current("a") is None
     assert store.peek("a") is not None  # change detection still sees it
     store.confirm("a")  # the source answered: fresh again
@@ -34,10 +34,10 @@ def test_a_secret_serves_up_to_max_staleness_and_not_a_moment_longer() -> None:
 
 
 def test_zero_max_staleness_never_goes_stale() -> None:
-    now = [0.0]
-    store = SecretStore(["a"], monotonic=lambda: now[0])
+    clock = FakeClock(0.0)
+    store = SecretStore(["a"], monotonic=clock)
     store.replace("a", snapshot())
-    now[0] += 1e9
+    clock.now += 1e9
     assert store.current("a") is not None
 
 

@@ -37,6 +37,8 @@ from .support import (
     write_secret,
 )
 
+pytestmark = pytest.mark.integration
+
 
 class NotifySocket:
     """The datagram socket systemd listens on for sd_notify messages."""

@@ -36,6 +36,8 @@ import pytest
 from sidecar.config import load_settings
 from tests.support import ROOT, signed_with
 
+pytestmark = pytest.mark.integration
+
 UNITS = ROOT / "deploy" / "systemd"
 SERVICE = UNITS / "reditus-sidecar.service"
 SOCKET = UNITS / "reditus-sidecar.socket"

@@ -13,7 +13,6 @@ import signal
 import subprocess
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
@@ -23,10 +22,11 @@ import pytest
 
 from sidecar.devserver import OpenBaoDevServer, find_bao
 from sidecar.errors import SecretUnavailable
-from sidecar.sources.transit import TransitMode
 from sidecar.state import SecretStore
+from sidecar.transit import TransitMode
 from tests.openbao import Bao, unique, vault_sidecar, write_file
 from tests.support import (
+    JoseSigner,
     base_env,
     eventually,
     join_output,
@@ -38,7 +38,8 @@ from tests.support import (
     spawn,
 )
 from tests.test_revoke import accessors_of_role
-from tests.test_signer import JoseSigner
+
+pytestmark = pytest.mark.integration
 
 SECRET = "transit-secret-\u00e9\u00df-" + "t" * 60  # non-ASCII: the key is the UTF-8 bytes
 NEW = "rotated-secret-" + "n" * 64
@@ -73,11 +74,10 @@ def import_key(bao: Bao, home: Path, key: str, secret: str, *, command: str = "i
 
 
 @pytest.fixture(scope="module")
-def bao(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bao]:
-    with OpenBaoDevServer() as server:
-        bao = Bao(server)
-        bao_cli(bao, tmp_path_factory.mktemp("bao-home"), "secrets", "enable", "transit")
-        yield bao
+def bao(bao: Bao, tmp_path_factory: pytest.TempPathFactory) -> Bao:
+    """The module's own server (conftest.py) with the transit engine enabled."""
+    bao_cli(bao, tmp_path_factory.mktemp("bao-home"), "secrets", "enable", "transit")
+    return bao
 
 
 @pytest.fixture
@@ -85,13 +85,6 @@ def key(bao: Bao, tmp_path: Path) -> str:
     name = unique("reditus")
     import_key(bao, tmp_path, name, SECRET)
     return name
-
-
-@pytest.fixture(scope="module")
-def jose() -> Iterator[JoseSigner]:
-    signer = JoseSigner()
-    yield signer
-    signer.close()
 
 
 def transit_env(bao: Bao, key: str, **extra: str) -> dict[str, str]:

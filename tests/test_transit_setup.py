@@ -15,10 +15,12 @@ import hvac
 import hvac.exceptions
 import pytest
 
-from sidecar.sources.transit import TransitMode
 from sidecar.state import SecretStore
+from sidecar.transit import TransitMode
 from tests.openbao import Bao, unique
 from tests.test_vault_policy import run_script
+
+pytestmark = pytest.mark.integration
 
 SECRET = "setup-secret-\u00e9-" + "s" * 60
 NEW = "setup-rotated-" + "r" * 60

@@ -19,14 +19,15 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry
 
+from sidecar import transit
 from sidecar.config import Settings, load_settings
 from sidecar.errors import SecretInvalid, SecretUnavailable
 from sidecar.metrics import Metrics
-from sidecar.refresher import JITTER
-from sidecar.sources import transit
-from sidecar.sources.transit import PROBE_INPUT, TransitMode, parse_hmac, transit_error
 from sidecar.sources.vault_client import VaultHTTPError, VaultPermissionDenied
 from sidecar.state import SecretStore
+from sidecar.timing import JITTER
+from sidecar.transit import PROBE_INPUT, TransitMode, parse_hmac, transit_error
+from tests.support import FakeClock
 
 KEY = b"transit-unit-key"
 Handler = Callable[[list[bytes]], Any]
@@ -315,33 +316,16 @@ def test_another_status_says_only_what_vault_answered() -> None:
 # --- metrics, the probe, Retry-After --------------------------------------------------
 
 
-class FakeTime:
-    """Stands for the `time` module in sidecar.sources.transit: perf_counter and monotonic
-    move only when the test says so."""
-
-    def __init__(self) -> None:
-        self.perf = 1000.0
-        self.mono = 5000.0
-
-    def perf_counter(self) -> float:
-        return self.perf
-
-    def monotonic(self) -> float:
-        return self.mono
-
-    def time(self) -> float:
-        return time.time()
-
-
 @pytest.fixture
-def clock(monkeypatch: pytest.MonkeyPatch) -> FakeTime:
-    fake = FakeTime()
-    monkeypatch.setattr(transit, "time", fake)
-    return fake
+def clock(clock: FakeClock, monkeypatch: pytest.MonkeyPatch) -> FakeClock:
+    """The shared fake clock (conftest.py) in place of transit's `time` module: perf_counter
+    and monotonic move only when the test says so; Unix time is the real one."""
+    monkeypatch.setattr(transit, "time", clock)
+    return clock
 
 
 async def test_the_call_duration_is_the_round_trip(
-    clock: FakeTime, registry: CollectorRegistry, metrics: Metrics
+    clock: FakeClock, registry: CollectorRegistry, metrics: Metrics
 ) -> None:
     answer = signed()
 
@@ -391,7 +375,7 @@ class Bound:
 
 @pytest.mark.parametrize("upper", [False, True])
 async def test_retry_after_counts_down_to_the_next_probe_and_is_at_least_1(
-    clock: FakeTime, upper: bool
+    clock: FakeClock, upper: bool
 ) -> None:
     """Signing that failed is retried at the next probe: the interval times the jitter from
     the probe's answer; once that moment has passed, 1 (never 0)."""
@@ -419,9 +403,9 @@ async def test_retry_after_counts_down_to_the_next_probe_and_is_at_least_1(
                 break
             await asyncio.sleep(0)
         assert mode.retry_after("default") == expected
-        clock.mono += expected - 10
+        clock.now += expected - 10
         assert mode.retry_after("default") == 10
-        clock.mono += 10.3  # the probe is overdue
+        clock.now += 10.3  # the probe is overdue
         assert mode.retry_after("default") == 1
     finally:
         await mode.stop()
@@ -548,7 +532,7 @@ async def test_a_probe_whose_own_item_failed_is_tried_again_50_ms_later() -> Non
 
 
 async def test_retry_after_while_the_breaker_is_open_is_the_refusal_window(
-    clock: FakeTime,
+    clock: FakeClock,
 ) -> None:
     """After a failed call the breaker refuses for at least Vault's own Retry-After: that
     window, not the time to the next probe, is what a refused caller is told."""
@@ -616,7 +600,7 @@ async def test_a_bogus_version_in_a_token_answer_lasts_until_the_next_probe(
 async def test_a_sighup_storm_logs_one_line_per_probe_it_owes(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    caplog.set_level(logging.INFO, logger="sidecar.sources.transit")
+    caplog.set_level(logging.INFO, logger="sidecar.transit")
     mode = make_mode(raising(RuntimeError("unused")))
     for _ in range(100):
         mode.refresh_now()

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
-import types
 from pathlib import Path
 from typing import Any
 from unittest.mock import MagicMock
@@ -36,7 +35,7 @@ from tests.openbao import (
     session_for,
     write_file,
 )
-from tests.support import eventually_async
+from tests.support import FakeClock, eventually_async
 
 
 async def revoke_current(openbao: Bao, session: VaultSession) -> None:
@@ -431,18 +430,18 @@ def test_a_credential_file_missing_or_unreadable(tmp_path: Path) -> None:
 
 
 @pytest.fixture
-def clock(monkeypatch: pytest.MonkeyPatch) -> types.SimpleNamespace:
-    """vault_auth's clocks, fixed: Unix time 1000, monotonic 50."""
-    fixed = types.SimpleNamespace(time=lambda: 1000.0, monotonic=lambda: 50.0)
-    monkeypatch.setattr(vault_auth, "time", fixed)
-    return fixed
+def clock(clock: FakeClock, monkeypatch: pytest.MonkeyPatch) -> FakeClock:
+    """vault_auth's clocks (the shared fake, conftest.py), fixed: Unix time 1000, monotonic 50."""
+    clock.now, clock.epoch = 50.0, 950.0
+    monkeypatch.setattr(vault_auth, "time", clock)
+    return clock
 
 
 def state(ttl: float, *, granted_at: float = 40.0, increment: int = 60, renewable: bool = True):
     return TokenState(Redacted("s.held"), renewable, ttl, granted_at, increment)
 
 
-def test_token_lifetime(clock: types.SimpleNamespace) -> None:
+def test_token_lifetime(clock: FakeClock) -> None:
     assert state(30.0).expires_at == 70.0
     assert state(0.0).expires_at is None
     assert state(30.0).expiry_wall_time() == 1020.0  # 1000 + (40 + 30 - 50)
@@ -489,7 +488,7 @@ LOOKED_UP = {"data": {"ttl": 59, "creation_ttl": 60, "renewable": True}}
 
 
 async def test_approle_login_sends_role_and_secret_id_and_trusts_lookup_self(
-    tmp_path: Path, clock: types.SimpleNamespace
+    tmp_path: Path, clock: FakeClock
 ) -> None:
     transport = Recorded()
     transport.client.auth.approle.login.return_value = LOGGED_IN
@@ -523,7 +522,7 @@ async def test_approle_login_without_a_secret_id(tmp_path: Path) -> None:
     ],
 )
 async def test_a_tokens_lifetime_from_lookup_self_or_the_login_answer(
-    tmp_path: Path, clock: types.SimpleNamespace, lookup: Any, expected: tuple[bool, float, int]
+    tmp_path: Path, clock: FakeClock, lookup: Any, expected: tuple[bool, float, int]
 ) -> None:
     transport = Recorded()
     transport.client.auth.approle.login.return_value = LOGGED_IN
@@ -780,7 +779,7 @@ def test_only_a_static_token_cannot_log_in_again(tmp_path: Path) -> None:
     ],
 )
 async def test_renewal_asks_for_the_creation_ttl_and_sees_the_cap(
-    clock: types.SimpleNamespace,
+    clock: FakeClock,
     increment: int,
     asked: int,
     answer: dict[str, Any],

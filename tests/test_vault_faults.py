@@ -25,8 +25,8 @@ import pytest
 from sidecar.config import load_settings
 from sidecar.devserver import OpenBaoDevServer, free_port_pair
 from sidecar.sources.vault import VaultSession
+from sidecar.sources.vault_bounds import MAX_ANSWER_BYTES
 from sidecar.sources.vault_client import (
-    MAX_ANSWER_BYTES,
     VaultAnswerTooLarge,
     VaultTimeout,
     VaultTLSError,
@@ -94,6 +94,7 @@ def vault_call_running() -> bool:
     return any(t.name == "vault-call" and t.is_alive() for t in threading.enumerate())
 
 
+@pytest.mark.integration
 async def test_hung_vault_times_out_and_close_is_prompt(own_bao) -> None:
     seed(own_bao)
     bao = Bao(own_bao)
@@ -122,6 +123,7 @@ async def test_hung_vault_times_out_and_close_is_prompt(own_bao) -> None:
         await session.close()
 
 
+@pytest.mark.integration
 async def test_close_is_prompt_while_the_first_login_hangs(own_bao) -> None:
     bao = seed(own_bao)
     _, role_id, secret_id = bao.approle([bao.read_policy("reditus")])
@@ -144,6 +146,7 @@ async def test_close_is_prompt_while_the_first_login_hangs(own_bao) -> None:
         own_bao.resume()
 
 
+@pytest.mark.integration
 async def test_cold_start_then_vault_appears(tmp_path, vault_metrics, registry) -> None:
     port = free_port_pair()
     server = OpenBaoDevServer(port=port)
@@ -169,6 +172,7 @@ async def test_cold_start_then_vault_appears(tmp_path, vault_metrics, registry) 
         await session.close()
 
 
+@pytest.mark.integration
 async def test_restarted_vault_means_a_new_login(own_bao, vault_metrics, registry) -> None:
     """A dev server loses everything on restart: the old token draws 403, we log in again."""
     bao = seed(own_bao)
@@ -299,6 +303,7 @@ def refresh_errors(metrics_url: str) -> float:
     )
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 def test_signing_continues_while_vault_is_hung_or_stopped(own_bao) -> None:
     seed(own_bao)
@@ -332,6 +337,7 @@ def test_signing_continues_while_vault_is_hung_or_stopped(own_bao) -> None:
     assert own_bao.root_token not in sidecar.output()
 
 
+@pytest.mark.integration
 def test_cold_start_before_vault_exists() -> None:
     server = OpenBaoDevServer(port=free_port_pair(), root_token=unique("root"))
     with vault_sidecar(server.addr, wait=False, VAULT_TOKEN=server.root_token) as sidecar:

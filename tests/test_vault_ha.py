@@ -25,13 +25,13 @@ from pathlib import Path
 
 import pytest
 
-from sidecar.refresher import BACKOFF_INITIAL, JITTER
+from sidecar.timing import BACKOFF_INITIAL, JITTER
 from tests.failover import Gap, MetricsWatch, SigningLoad, gap, parse
 from tests.openbao import vault_sidecar, write_file
 from tests.openbao_ha import Cluster, openbao_cluster
 from tests.support import SidecarProcess, eventually, scrape, scrape_value
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 SIDECARS = 3
 INTERVAL = 1.0  # REDITUS_SIDECAR_REFRESH_INTERVAL

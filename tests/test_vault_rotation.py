@@ -8,14 +8,14 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
-from collections.abc import Iterator
 
 import aiohttp
 import pytest
 
-from sidecar.devserver import OpenBaoDevServer
-from tests.openbao import Bao, vault_sidecar
+from tests.openbao import Bao, unique, vault_sidecar
 from tests.support import eventually_async, post_token, scrape_value, signed_with
+
+pytestmark = pytest.mark.integration
 
 OLD = "old-secret-" + "o" * 64
 NEW = "new-secret-" + "n" * 64
@@ -24,11 +24,11 @@ VERSION = 'reditus_sidecar_secret_version{product="default"}'
 
 
 @pytest.fixture
-def bao() -> Iterator[Bao]:
-    with OpenBaoDevServer() as server:
-        bao = Bao(server)
-        bao.put("reditus", product_id="prod-rot", product_secret=OLD)
-        yield bao
+def path(bao: Bao) -> str:
+    """A fresh KV path on the module's own server, holding the old secret (version 1)."""
+    path = unique("reditus")
+    bao.put(path, product_id="prod-rot", product_secret=OLD)
+    return path
 
 
 def which_secret(token: str) -> str | None:
@@ -39,7 +39,7 @@ def which_secret(token: str) -> str | None:
     return None
 
 
-async def test_rotation_under_concurrent_requests(bao: Bao) -> None:
+async def test_rotation_under_concurrent_requests(bao: Bao, path: str) -> None:
     results: list[tuple[float, float, int, str | None]] = []
     stop = asyncio.Event()
 
@@ -52,14 +52,16 @@ async def test_rotation_under_concurrent_requests(bao: Bao) -> None:
                 (started, time.monotonic(), response.status, which_secret(body.get("token", "")))
             )
 
-    with vault_sidecar(bao.addr, VAULT_TOKEN=bao.root_token) as sidecar:
+    with vault_sidecar(
+        bao.addr, VAULT_TOKEN=bao.root_token, REDITUS_SIDECAR_KV_PATH=path
+    ) as sidecar:
         assert scrape_value(sidecar.metrics_url, VERSION) == 1
         async with aiohttp.ClientSession() as http:
             url = sidecar.api_url + "/v1/token"
             workers = [asyncio.ensure_future(worker(http, url)) for _ in range(8)]
             # the new version lands while the load is on (answers flowing), not after a nap
             await eventually_async(lambda: len(results) >= 50, what="answers before the put")
-            await asyncio.to_thread(bao.put, "reditus", product_id="prod-rot", product_secret=NEW)
+            await asyncio.to_thread(bao.put, path, product_id="prod-rot", product_secret=NEW)
             await eventually_async(
                 lambda: any(kind == "new" for *_, kind in results),
                 within=15,
@@ -81,11 +83,14 @@ async def test_rotation_under_concurrent_requests(bao: Bao) -> None:
     assert set(after) == {"new"}
 
 
-def test_sighup_reads_the_new_version_at_once(bao: Bao) -> None:
+def test_sighup_reads_the_new_version_at_once(bao: Bao, path: str) -> None:
     with vault_sidecar(
-        bao.addr, VAULT_TOKEN=bao.root_token, REDITUS_SIDECAR_REFRESH_INTERVAL="300"
+        bao.addr,
+        VAULT_TOKEN=bao.root_token,
+        REDITUS_SIDECAR_KV_PATH=path,
+        REDITUS_SIDECAR_REFRESH_INTERVAL="300",
     ) as sidecar:
-        bao.put("reditus", product_id="prod-rot", product_secret=NEW)
+        bao.put(path, product_id="prod-rot", product_secret=NEW)
         status, body = post_token(sidecar.api_url, {"userId": "u"})
         assert status == 200
         assert which_secret(str(body["token"])) == "old"  # next read is minutes away

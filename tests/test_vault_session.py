@@ -36,6 +36,7 @@ from sidecar.sources.vault_client import (
     VaultPermissionDenied,
     VaultTimeout,
 )
+from tests.support import FakeClock
 
 WALL = 1_000_000.0  # Unix time at loop time 0, for the token expiry gauge
 MAX_CALLS = 50  # a loop that calls Vault more often than this is storming
@@ -212,14 +213,13 @@ def loop_clock(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture
-def clock(monkeypatch: pytest.MonkeyPatch) -> types.SimpleNamespace:
-    """A fixed session clock, moved by the test: monotonic `now`, Unix time WALL + now."""
-    fixed = types.SimpleNamespace(now=100.0)
-    fixed.monotonic = lambda: fixed.now
-    fixed.time = lambda: WALL + fixed.now
-    monkeypatch.setattr(vault, "time", fixed)
-    monkeypatch.setattr(vault_auth, "time", fixed)
-    return fixed
+def clock(clock: FakeClock, monkeypatch: pytest.MonkeyPatch) -> FakeClock:
+    """The shared fake clock (conftest.py) as the session's, moved by the test: monotonic
+    `now` (from 100), Unix time WALL + now."""
+    clock.epoch = WALL
+    monkeypatch.setattr(vault, "time", clock)
+    monkeypatch.setattr(vault_auth, "time", clock)
+    return clock
 
 
 @pytest.fixture
@@ -233,7 +233,7 @@ def caplog_vault(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
 
 @pytest.mark.parametrize(("at", "again"), [(109.4, False), (109.5, True), (109.6, True)])
 async def test_a_token_is_used_until_half_a_second_before_it_expires(
-    clock: types.SimpleNamespace, registry: CollectorRegistry, at: float, again: bool
+    clock: FakeClock, registry: CollectorRegistry, at: float, again: bool
 ) -> None:
     session, fake = session_of(settings(), registry)
     fake.client.auth.token.lookup_self.side_effect = Script(lookup(10))
@@ -248,7 +248,7 @@ async def test_a_token_is_used_until_half_a_second_before_it_expires(
 
 
 async def test_concurrent_callers_share_one_login(
-    clock: types.SimpleNamespace, registry: CollectorRegistry
+    clock: FakeClock, registry: CollectorRegistry
 ) -> None:
     session, fake = session_of(approle(), registry)
     gate = asyncio.Event()
@@ -268,7 +268,7 @@ async def test_concurrent_callers_share_one_login(
 
 
 async def test_a_failed_login_is_not_retried_before_its_backoff_ends(
-    clock: types.SimpleNamespace, registry: CollectorRegistry, caplog_vault: Any
+    clock: FakeClock, registry: CollectorRegistry, caplog_vault: Any
 ) -> None:
     """Within the backoff a caller gets the last error at once, with the time left as
     retry_after; at its end exactly, the next caller logs in."""
@@ -300,7 +300,7 @@ async def test_a_failed_login_is_not_retried_before_its_backoff_ends(
 
 
 async def test_the_login_backoff_starts_over_after_a_login_succeeds(
-    clock: types.SimpleNamespace, registry: CollectorRegistry, caplog_vault: Any
+    clock: FakeClock, registry: CollectorRegistry, caplog_vault: Any
 ) -> None:
     session, fake = session_of(approle(), registry, rng=Draw(0.4321))
     fake.client.auth.approle.login.side_effect = Script(
@@ -320,7 +320,7 @@ async def test_the_login_backoff_starts_over_after_a_login_succeeds(
 
 
 async def test_vaults_retry_after_stretches_the_login_backoff(
-    clock: types.SimpleNamespace, registry: CollectorRegistry, caplog_vault: Any
+    clock: FakeClock, registry: CollectorRegistry, caplog_vault: Any
 ) -> None:
     session, fake, _login = approle_session(registry, refused(429, 7.0), logged_in("s.1"))
     with pytest.raises(SecretUnavailable):
@@ -553,9 +553,7 @@ async def test_a_renewal_finishing_after_a_new_login_keeps_the_new_token(
         assert fake.tokens[-1] == "s.2"
 
 
-async def test_start_twice_runs_one_loop(
-    clock: types.SimpleNamespace, registry: CollectorRegistry
-) -> None:
+async def test_start_twice_runs_one_loop(clock: FakeClock, registry: CollectorRegistry) -> None:
     session, fake = session_of(settings(), registry)
     fake.client.auth.token.lookup_self.side_effect = Script(lookup(0, renewable=False))
     await session.start()
@@ -581,7 +579,7 @@ async def test_start_twice_runs_one_loop(
     ],
 )
 async def test_close_revokes_the_token_it_logged_in_for(
-    clock: types.SimpleNamespace,
+    clock: FakeClock,
     registry: CollectorRegistry,
     caplog_vault: pytest.LogCaptureFixture,
     vault_settings: VaultSettings,
@@ -604,7 +602,7 @@ async def test_close_revokes_the_token_it_logged_in_for(
 
 
 async def test_close_without_a_token_revokes_nothing(
-    clock: types.SimpleNamespace, registry: CollectorRegistry
+    clock: FakeClock, registry: CollectorRegistry
 ) -> None:
     session, fake = session_of(approle(), registry)
     await session.close(revoke=True)
@@ -636,7 +634,7 @@ async def test_close_without_a_token_revokes_nothing(
     ],
 )
 async def test_a_failed_revocation_is_a_warning(
-    clock: types.SimpleNamespace,
+    clock: FakeClock,
     registry: CollectorRegistry,
     caplog_vault: pytest.LogCaptureFixture,
     failure: Exception,
@@ -663,7 +661,7 @@ KV_ANSWER = {"data": {"data": {"product_id": "p"}, "metadata": {"version": 3}}}
 
 
 async def test_a_read_answered_403_logs_in_again_once(
-    clock: types.SimpleNamespace, registry: CollectorRegistry, caplog_vault: Any
+    clock: FakeClock, registry: CollectorRegistry, caplog_vault: Any
 ) -> None:
     session, fake, _login = approle_session(registry, logged_in("s.1"), logged_in("s.2"))
     read = Script(refused(403), KV_ANSWER, refused(403), refused(403))
@@ -681,7 +679,7 @@ async def test_a_read_answered_403_logs_in_again_once(
 
 
 async def test_a_read_answered_503_is_not_a_reason_to_log_in(
-    clock: types.SimpleNamespace, registry: CollectorRegistry
+    clock: FakeClock, registry: CollectorRegistry
 ) -> None:
     session, fake, _login = approle_session(registry, logged_in("s.1"))
     fake.client.secrets.kv.v2.read_secret_version.side_effect = Script(refused(503, 4.0))
@@ -696,7 +694,7 @@ async def test_a_read_answered_503_is_not_a_reason_to_log_in(
 
 @pytest.mark.parametrize("status", [400, 401, 404])
 async def test_a_read_refused_otherwise_than_403_is_not_a_reason_to_log_in(
-    clock: types.SimpleNamespace, registry: CollectorRegistry, status: int
+    clock: FakeClock, registry: CollectorRegistry, status: int
 ) -> None:
     session, fake, _login = approle_session(registry, logged_in("s.1"), logged_in("s.2"))
     fake.client.secrets.kv.v2.read_secret_version.side_effect = Script(refused(status))
@@ -723,7 +721,7 @@ NOT_KV2 = (
     ],
 )
 async def test_an_answer_that_is_not_kv_v2_is_invalid(
-    clock: types.SimpleNamespace, registry: CollectorRegistry, answer: Any
+    clock: FakeClock, registry: CollectorRegistry, answer: Any
 ) -> None:
     session, fake = session_of(settings(), registry)
     fake.client.auth.token.lookup_self.side_effect = Script(lookup(0))
@@ -737,7 +735,7 @@ async def test_an_answer_that_is_not_kv_v2_is_invalid(
     ("metadata", "version"), [({"version": 7}, 7), ({}, 0), ({"version": "7"}, 0)]
 )
 async def test_the_version_of_a_kv_answer(
-    clock: types.SimpleNamespace, registry: CollectorRegistry, metadata: Any, version: int
+    clock: FakeClock, registry: CollectorRegistry, metadata: Any, version: int
 ) -> None:
     session, fake = session_of(settings(), registry)
     fake.client.auth.token.lookup_self.side_effect = Script(lookup(0))

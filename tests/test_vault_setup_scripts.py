@@ -21,6 +21,8 @@ from tests.openbao import (
 )
 from tests.test_vault_policy import exported, product_id_as_pod, run_script
 
+pytestmark = pytest.mark.integration
+
 SHARED_REVIEWER_JWT = service_account_jwt(rsa_key(), namespace="kube-system", name="reviewer")
 
 

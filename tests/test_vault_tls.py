@@ -340,6 +340,7 @@ def swap_secret_volume(directory: Path, cert: Path, key: Path, version: Path | N
     os.replace(link, directory / "..data")
 
 
+@pytest.mark.integration
 async def test_cert_login_follows_renewed_client_certificates(mtls: MutualTLS, tmp_path) -> None:
     registry = CollectorRegistry()
     metrics = Metrics(registry, ["default"], "test")
@@ -407,6 +408,7 @@ async def test_cert_login_follows_renewed_client_certificates(mtls: MutualTLS, t
 # --- `check`, one message per TLS failure -------------------------------------------------
 
 
+@pytest.mark.integration
 def test_check_ok_with_cert_auth(mtls: MutualTLS) -> None:
     cert, key = mtls.client_cert(unique("ok"), "sidecar-check")
     result = run_check(mtls.env(cert, key))
@@ -414,6 +416,7 @@ def test_check_ok_with_cert_auth(mtls: MutualTLS) -> None:
     assert "ok (product id 'prod-tls', version 1)" in result.stdout
 
 
+@pytest.mark.integration
 def test_check_name_mismatch(mtls: MutualTLS) -> None:
     cert, key = mtls.client_cert(unique("name"), "sidecar-check")
     env = mtls.env(cert, key)
@@ -426,6 +429,7 @@ def test_check_name_mismatch(mtls: MutualTLS) -> None:
     assert "not valid for VAULT_TLS_SERVER_NAME=other.reditus.test" in line, line
 
 
+@pytest.mark.integration
 def test_check_unknown_ca(mtls: MutualTLS) -> None:
     cert, key = mtls.client_cert(unique("ca"), "sidecar-check")
     env = mtls.env(cert, key, VAULT_CACERT=str(mtls.client_ca[0]))
@@ -434,6 +438,7 @@ def test_check_unknown_ca(mtls: MutualTLS) -> None:
     assert f"VAULT_CACERT={mtls.client_ca[0]} does not hold the CA" in line, line
 
 
+@pytest.mark.integration
 def test_check_client_certificate_refused(mtls: MutualTLS, tmp_path) -> None:
     _, other_key, other_cert = make_ca(tmp_path, "other-client-ca")
     cert, key = make_client_cert(tmp_path, "stranger", other_key, other_cert, common_name="x")
@@ -441,6 +446,7 @@ def test_check_client_certificate_refused(mtls: MutualTLS, tmp_path) -> None:
     assert f"Vault refused the client certificate VAULT_CLIENT_CERT={cert}" in line, line
 
 
+@pytest.mark.integration
 def test_check_client_certificate_missing(mtls: MutualTLS) -> None:
     cert, key = mtls.client_cert(unique("none"), "sidecar-check")
     env = mtls.env(cert, key, REDITUS_SIDECAR_VAULT_AUTH="token", VAULT_TOKEN="s.unused")
@@ -450,6 +456,7 @@ def test_check_client_certificate_missing(mtls: MutualTLS) -> None:
     assert "VAULT_CLIENT_CERT" in line, line
 
 
+@pytest.mark.integration
 def test_check_expired_client_certificate_before_connecting(mtls: MutualTLS) -> None:
     cert, key = mtls.client_cert(
         unique("old"), "sidecar-old", lifetime=-datetime.timedelta(hours=1)
@@ -459,6 +466,7 @@ def test_check_expired_client_certificate_before_connecting(mtls: MutualTLS) -> 
     assert f"the client certificate VAULT_CLIENT_CERT={cert} expired at" in line, line
 
 
+@pytest.mark.integration
 def test_check_client_pair_mismatch_is_a_configuration_error(mtls: MutualTLS) -> None:
     first = mtls.client_cert(unique("a"), "a")
     second = mtls.client_cert(unique("b"), "b")

@@ -13,8 +13,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from sidecar import transit
 from sidecar.__main__ import main
-from sidecar.sources import transit
 
 if __name__ == "__main__":
     transit.MAX_BATCH, transit.MAX_IN_FLIGHT = int(sys.argv[1]), int(sys.argv[2])

@@ -11,7 +11,6 @@ a Vault outage never turns into a login storm. No call can stall the event loop 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 import time
@@ -22,7 +21,7 @@ import hvac
 from ..blocking import cancel_and_wait
 from ..config import Product, VaultSettings
 from ..errors import SecretInvalid, SecretUnavailable, SourceError
-from ..refresher import backoff_delay
+from ..timing import backoff_delay, sleep_or_wake
 from .base import SecretMaterial, material_from_mapping
 from .vault_auth import Authenticator, TokenState, renew
 from .vault_client import VaultHTTPError, VaultPermissionDenied, VaultTimeout, VaultTransport
@@ -220,8 +219,7 @@ class VaultSession:
                 due = self._due_at(state)
                 wait = None if due is None else due - time.monotonic()
                 if wait is None or wait > 0:
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._wake.wait(), wait)
+                    await sleep_or_wake(self._wake, wait)
                     continue
                 if state.renewable and not state.capped:
                     if await self._renew(state):

@@ -17,11 +17,11 @@ import hvac
 
 from ..config import VaultSettings
 from ..errors import SecretUnavailable
+from ..names import PREFIX
 from ..redact import Redacted
 from .vault_client import VaultHTTPError, VaultLoginRefused, VaultTransport
 
 MAX_CREDENTIAL_BYTES = 64 * 1024
-PREFIX = "REDITUS_SIDECAR_"
 
 
 @dataclass

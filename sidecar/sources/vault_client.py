@@ -7,50 +7,43 @@ hvac is built so that it never reads `VAULT_TOKEN`, `~/.vault-token`, `VAULT_CAC
 records `Retry-After` (and the status) in a thread-local that the same worker thread
 reads when it translates the exception.
 
-Whatever answers at VAULT_ADDR is not trusted to be small or quick: the transport adapters
-read every answer themselves, at most `MAX_ANSWER_BYTES` of it, and each call has a total
-deadline (its bound) after which its connection is cut, so neither a huge body nor one
+Whatever answers at VAULT_ADDR is not trusted to be small or quick: each call has a total
+deadline and its answer a size limit (`vault_bounds`), so neither a huge body nor one
 dripped a byte at a time can hold memory, a thread or a connection past the call.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime
 import email.utils
 import logging
 import re
-import socket
 import ssl
 import threading
 import time
 import urllib.parse
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 import hvac
 import hvac.exceptions
 import requests
-import requests.adapters
 import requests.utils
-import urllib3
-import urllib3.connection
-import urllib3.exceptions
 
 from ..blocking import start_in_thread
 from ..config import VaultSettings
 from ..errors import ConfigError, SecretUnavailable, SourceError, VaultAuthError
-from .vault_tls import (
-    ClientPair,
-    PairError,
-    Signature,
-    TLSAdapter,
-    build_context,
-    ca_bundle,
-    signature,
+from .vault_bounds import (
+    MAX_ANSWER_BYTES,
+    AnswerTooLarge,
+    BoundedAdapter,
+    BoundedTLSAdapter,
+    Deadline,
+    working_for,
 )
+from .vault_tls import ClientPair, PairError, Signature, build_context, ca_bundle, signature
 
 log = logging.getLogger(__name__)
 
@@ -59,11 +52,6 @@ T = TypeVar("T")
 # Extra time the event loop grants a call beyond the HTTP timeout before giving up on it.
 CALL_GRACE = 0.5
 MAX_VAULT_MESSAGE = 200
-# The largest answer read from Vault. What the sidecar asks for is a few KiB at most (a KV
-# secret, a login, 64 transit HMACs); 1 MiB leaves room for big KV metadata and still
-# bounds what a wrong VAULT_ADDR, a proxy's error page or a hostile server can make us hold.
-MAX_ANSWER_BYTES = 1024 * 1024
-_READ_CHUNK = 64 * 1024
 
 
 class VaultUnreachable(SecretUnavailable):
@@ -138,216 +126,6 @@ def parse_retry_after(value: str | None) -> float | None:
     except (TypeError, ValueError):
         return None
     return max(0.0, when.timestamp() - time.time())
-
-
-# --- the bounds on one call: its total deadline, the size of its answer ------------------
-
-_CUT = threading.Lock()  # between a deadline cutting connections and calls taking them
-_CALL = threading.local()  # .deadline: that of the call the current worker thread runs
-
-
-class _AnswerTooLarge(Exception):
-    """Raised by the adapter; `_blocking` turns it into `VaultAnswerTooLarge`."""
-
-
-class _Deadline:
-    """The moment one call must be over by, enforced on the connection it uses.
-
-    The per-read timeouts of requests restart with every byte, so a server dripping its
-    answer keeps a call (its thread, its connection) alive for ever. The worker thread
-    stops reading the body at the deadline itself; while it waits for the status line or
-    the headers it cannot look at the clock, so `expire` (an event-loop timer at the
-    deadline) shuts the socket under it, and the blocked read returns at once."""
-
-    def __init__(self, seconds: float) -> None:
-        self.at = time.monotonic() + seconds
-        self.expired = False  # the moment has come (set by `expire`)
-        self.stopped = False  # the call was cut or refused because of it
-        self._over = False  # the call has ended: nothing left to cut
-        self._conns: set[_Watched] = set()
-
-    def passed(self) -> bool:
-        return self.expired or time.monotonic() >= self.at
-
-    def stop(self) -> TimeoutError:
-        self.stopped = True
-        return TimeoutError("the Vault call reached its deadline")
-
-    def attach(self, conn: _Watched) -> None:
-        """`conn` works for this call now (fresh, or taken from the pool)."""
-        with _CUT:
-            if self._over:
-                return
-            conn.deadline = self
-            self._conns.add(conn)
-        if self.passed():
-            raise self.stop()
-
-    def expire(self) -> None:
-        """Shut the socket of every connection still working for this call."""
-        with _CUT:
-            if self._over:
-                return
-            self.expired = True
-            for conn in self._conns:
-                sock = conn.sock if conn.deadline is self else None
-                if isinstance(sock, socket.socket):
-                    # socket.socket's own shutdown: SSLSocket's would also drop its state
-                    # under the thread reading it. The read sees EOF; the server, a FIN.
-                    with contextlib.suppress(OSError):
-                        socket.socket.shutdown(sock, socket.SHUT_RDWR)
-                    self.stopped = True
-
-    def finish(self) -> None:
-        with _CUT:
-            self._over = True
-            for conn in self._conns:
-                if conn.deadline is self:
-                    conn.deadline = None
-            self._conns.clear()
-
-
-if TYPE_CHECKING:
-    _Connection = urllib3.connection.HTTPConnection
-else:
-    _Connection = object
-
-
-class _Watched(_Connection):
-    """A urllib3 connection that the current call's deadline can cut."""
-
-    deadline: _Deadline | None = None
-
-    def _attach(self) -> None:
-        current: _Deadline | None = getattr(_CALL, "deadline", None)
-        if current is not None:
-            current.attach(self)
-
-    def _check(self) -> None:
-        if self.deadline is not None and self.deadline.passed():
-            raise self.deadline.stop()
-
-    def connect(self) -> None:
-        self._attach()
-        super().connect()
-        self._check()  # the timer may have fired while the socket did not exist yet
-
-    def request(self, *args: Any, **kwargs: Any) -> None:
-        self._attach()
-        super().request(*args, **kwargs)
-
-    def getresponse(self) -> Any:
-        self._check()
-        return super().getresponse()
-
-
-class _WatchedHTTP(_Watched, urllib3.connection.HTTPConnection):
-    pass
-
-
-class _WatchedHTTPS(_Watched, urllib3.connection.HTTPSConnection):
-    pass
-
-
-def _detach(conn: object) -> None:
-    """A connection back in the pool works for no call: no deadline may cut it."""
-    if isinstance(conn, _Watched):
-        with _CUT:
-            conn.deadline = None
-
-
-class _HTTPPool(urllib3.HTTPConnectionPool):
-    ConnectionCls = _WatchedHTTP
-
-    def _put_conn(self, conn: Any) -> None:
-        _detach(conn)
-        super()._put_conn(conn)
-
-
-class _HTTPSPool(urllib3.HTTPSConnectionPool):
-    ConnectionCls = _WatchedHTTPS
-
-    def _put_conn(self, conn: Any) -> None:
-        _detach(conn)
-        super()._put_conn(conn)
-
-
-_POOLS: dict[str, type[urllib3.HTTPConnectionPool]] = {"http": _HTTPPool, "https": _HTTPSPool}
-
-
-def _read_answer(response: requests.Response) -> None:
-    """Read the body now, as requests would, but at most MAX_ANSWER_BYTES of it (refused at
-    once when Content-Length says more) and never past the call's deadline."""
-    deadline: _Deadline | None = getattr(_CALL, "deadline", None)
-    declared = response.headers.get("Content-Length", "")
-    if declared.strip().isdigit() and int(declared) > MAX_ANSWER_BYTES:
-        response.close()
-        raise _AnswerTooLarge
-    # read1: what one read from the socket gives, so a drip cannot hold us in here (urllib3
-    # before 2.3 has only read, which waits for the whole chunk: then the timer cuts it).
-    read = getattr(response.raw, "read1", None) or response.raw.read
-    body = bytearray()
-    try:
-        while True:
-            if deadline is not None and deadline.passed():
-                raise deadline.stop()
-            chunk = read(min(_READ_CHUNK, MAX_ANSWER_BYTES + 1 - len(body)), decode_content=True)
-            if not chunk:
-                break
-            body += chunk
-            if len(body) > MAX_ANSWER_BYTES:
-                raise _AnswerTooLarge
-        if deadline is not None and deadline.stopped:
-            raise deadline.stop()  # cut under us: what arrived is not the whole answer
-    except BaseException as exc:
-        response.close()  # the connection goes too: it is not read to the end
-        if isinstance(exc, TimeoutError | urllib3.exceptions.ReadTimeoutError):
-            raise requests.exceptions.ReadTimeout(str(exc)) from None
-        if isinstance(exc, urllib3.exceptions.SSLError):
-            raise requests.exceptions.SSLError(str(exc)) from None
-        if isinstance(exc, urllib3.exceptions.DecodeError):
-            raise requests.exceptions.ContentDecodingError(str(exc)) from None
-        if isinstance(exc, urllib3.exceptions.ProtocolError | OSError):
-            raise requests.exceptions.ChunkedEncodingError(str(exc)) from None
-        raise
-    response._content = bytes(body)
-    response._content_consumed = True
-
-
-class BoundedAdapter(requests.adapters.HTTPAdapter):
-    """Reads each answer itself (`_read_answer`), from connections a deadline can cut: every
-    hop of a redirect too, since requests reads those with `.content` before following."""
-
-    def init_poolmanager(
-        self, connections: int, maxsize: int, block: bool = False, **pool_kwargs: Any
-    ) -> None:
-        super().init_poolmanager(connections, maxsize, block, **pool_kwargs)
-        self.poolmanager.pool_classes_by_scheme = _POOLS
-
-    def proxy_manager_for(self, proxy: str, **proxy_kwargs: Any) -> Any:
-        manager = super().proxy_manager_for(proxy, **proxy_kwargs)
-        if isinstance(manager, urllib3.ProxyManager):  # a SOCKS manager keeps its own pools
-            manager.pool_classes_by_scheme = _POOLS
-        return manager
-
-    def send(
-        self,
-        request: requests.PreparedRequest,
-        stream: bool = False,
-        timeout: Any = None,
-        verify: Any = True,
-        cert: Any = None,
-        proxies: Any = None,
-    ) -> requests.Response:
-        response = super().send(
-            request, stream=True, timeout=timeout, verify=verify, cert=cert, proxies=proxies
-        )
-        _read_answer(response)
-        return response
-
-
-class BoundedTLSAdapter(BoundedAdapter, TLSAdapter):
-    """`TLSAdapter`'s context and server name, with the bounds of `BoundedAdapter`."""
 
 
 class VaultTransport:
@@ -456,20 +234,17 @@ class VaultTransport:
         fn: Callable[[hvac.Client], T],
         token: str | None,
         timeout: float,
-        deadline: _Deadline,
+        deadline: Deadline,
     ) -> T:
         """The call in its worker thread, its connections bound to `deadline`: whatever a
         connection cut at the deadline makes requests raise is reported as the timeout."""
-        _CALL.deadline = deadline
-        try:
-            return self._translated(fn, token, timeout)
-        except (SourceError, VaultHTTPError):
-            if deadline.stopped:
-                raise self._timeout_error() from None
-            raise
-        finally:
-            deadline.finish()
-            _CALL.deadline = None
+        with working_for(deadline):
+            try:
+                return self._translated(fn, token, timeout)
+            except (SourceError, VaultHTTPError):
+                if deadline.stopped:
+                    raise self._timeout_error() from None
+                raise
 
     def _translated(self, fn: Callable[[hvac.Client], T], token: str | None, timeout: float) -> T:
         self._local.status = None
@@ -496,7 +271,7 @@ class VaultTransport:
             if "SSL" in str(exc):  # TLS 1.3: a refused client certificate shows on the read
                 raise self._tls_error(exc) from None
             raise self._unreachable(exc) from None
-        except _AnswerTooLarge:
+        except AnswerTooLarge:
             raise VaultAnswerTooLarge(
                 f"Vault's answer exceeds {MAX_ANSWER_BYTES >> 20} MiB: {self.addr} sent more "
                 "than any answer the sidecar needs, and the rest was not read; check "
@@ -526,7 +301,7 @@ class VaultTransport:
             raise SecretUnavailable("the Vault session is closed")
         self.reload_client_cert()
         self._check_expiry()
-        deadline = _Deadline(bound)
+        deadline = Deadline(bound)
         # Fires even when the caller has stopped waiting (a timeout, a cancelled task):
         # what it ends is the worker thread's connection, not the wait.
         timer = asyncio.get_running_loop().call_later(bound, deadline.expire)

@@ -1,6 +1,7 @@
 """Transit mode: the product secret lives only in a Vault transit key of type `hmac`
 (imported, non-exportable); Vault computes each token's HMAC-SHA512 and the pod never
-holds the secret.
+holds the secret. A mode, not a secret source: there is nothing to read and refresh, so
+`TransitMode` stands where the `Refresher` stands (both are a `freshness.Freshness`).
 
 Login, renewal and re-login are the shared `VaultSession`'s. Concurrent tokens are
 coalesced into `batch_input` calls (`Coalescer`): one call at a time carries up to
@@ -23,18 +24,19 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from ..blocking import cancel_and_wait
-from ..coalescer import Coalescer
-from ..config import DEFAULT_PRODUCT, Settings, TransitSettings
-from ..errors import SecretInvalid, SecretUnavailable, SourceError
-from ..refresher import JITTER
-from ..signer import RemoteSigner, b64url
-from ..state import SecretStore, Snapshot
-from .vault import VaultSession
-from .vault_client import VaultHTTPError, VaultPermissionDenied
+from .blocking import cancel_and_wait
+from .coalescer import Coalescer
+from .config import Settings, TransitSettings
+from .errors import SecretInvalid, SecretUnavailable, SourceError
+from .names import DEFAULT_PRODUCT
+from .signer import RemoteSigner, b64url
+from .sources.vault import VaultSession
+from .sources.vault_client import VaultHTTPError, VaultPermissionDenied
+from .state import SecretStore, Snapshot
+from .timing import jittered, sleep_or_wake
 
 if TYPE_CHECKING:
-    from ..metrics import Metrics
+    from .metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -166,7 +168,8 @@ class TransitSigner(RemoteSigner):
 
 class TransitMode:
     """Transit signing for the one product: the session, the coalescer, the probe, and
-    what the store and metrics say (it stands where the refresher stands in KV mode)."""
+    what the store and metrics say. The `Freshness` of transit mode, as the `Refresher` is
+    that of the local-key sources."""
 
     product = DEFAULT_PRODUCT
 
@@ -297,14 +300,13 @@ class TransitMode:
         while True:
             self._wake.clear()
             if await self.probe():
-                delay = self.interval * self._rng.uniform(1 - JITTER, 1 + JITTER)
+                delay = jittered(self.interval, self._rng)
             else:
                 delay = max(0.05, self.coalescer.refused_for())
             self._next_probe = time.monotonic() + delay
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=delay)
+            await sleep_or_wake(self._wake, delay)
 
-    # --- the refresher's interface for the server ---------------------------------------
+    # --- Freshness: what the server asks of whatever keeps signing material fresh ------
 
     def retry_after(self, _product: str) -> int:
         """Whole seconds until signing may work again (for Retry-After)."""
@@ -325,7 +327,7 @@ class TransitMode:
     async def stop(self) -> None:
         task, self._task = self._task, None
         if task is not None:
-            await cancel_and_wait([task])  # the probe loop sleeps in wait_for
+            await cancel_and_wait([task])  # the probe loop sleeps in sleep_or_wake
         await self.coalescer.close()
 
 
