@@ -86,10 +86,35 @@ class QueuedStdoutHandler(logging.Handler):
         except Exception:
             self.handleError(record)
             return
+        if self._write_now(line):
+            return
         try:
             self._lines.put_nowait(line)
         except queue.Full:
             self._dropped += 1
+
+    def _write_now(self, line: str) -> bool:
+        """Write the line at once when that cannot block: nothing queued before it, stdout
+        free, and the kernel ready to take it whole (a pipe takes up to PIPE_BUF bytes
+        atomically once poll says it is writable). Lines then reach stdout in the order they
+        were logged, as a plain handler writes them; only a stuck stdout defers them."""
+        data = line.encode("utf-8", "backslashreplace")
+        if len(data) > select.PIPE_BUF or self._lines.unfinished_tasks:
+            return False
+        if not STDOUT_LOCK.acquire(blocking=False):
+            return False
+        try:
+            if self._lines.unfinished_tasks:  # queued meanwhile: keep the order
+                return False
+            try:
+                fd = sys.stdout.fileno()
+                if not select.select([], [fd], [], 0)[1]:
+                    return False
+                return os.write(fd, data) == len(data)
+            except (AttributeError, ValueError, OSError):  # a test's capture, or no stdout
+                return False
+        finally:
+            STDOUT_LOCK.release()
 
     def _drain(self) -> None:
         while True:
