@@ -18,12 +18,6 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "sidecar"
 MAX_LINES = 450
-#: modules allowed past MAX_LINES for now, each with the work that brings it under
-KNOWN_LONG = {
-    # issue 21, item 3 ("configuration as data") rewrites config.py as a table of settings
-    # split by job into config/; until then it is the one module over the limit.
-    "config.py": "issue 21 item 3",
-}
 
 
 @pytest.mark.integration
@@ -45,8 +39,4 @@ def lines_of(path: Path) -> int:
 def test_no_module_is_over_450_lines() -> None:
     modules = {str(path.relative_to(PACKAGE)): path for path in PACKAGE.rglob("*.py")}
     long = {name: lines_of(path) for name, path in modules.items() if lines_of(path) > MAX_LINES}
-    unexpected = {name: n for name, n in long.items() if name not in KNOWN_LONG}
-    assert not unexpected, f"over {MAX_LINES} lines: {unexpected}; split them by job"
-    # An allowance ends with its reason: once the module is short (or gone), drop it here.
-    outlived = sorted(set(KNOWN_LONG) - set(long))
-    assert not outlived, f"{outlived} no longer over {MAX_LINES} lines: remove from KNOWN_LONG"
+    assert not long, f"over {MAX_LINES} lines: {long}; split them by job"
