@@ -79,9 +79,14 @@ async def _read_all(settings: Settings) -> dict[str, Any]:
     """Fetch every product once; a product maps to its material or its error. The Vault
     token it logged in for is revoked at the end (REDITUS_SIDECAR_REVOKE_ON_SHUTDOWN):
     each run would otherwise leave one live token behind, for its whole TTL."""
+    from prometheus_client import CollectorRegistry
+
+    from .metrics import Metrics
     from .sources.factory import build_sources
 
-    sources = build_sources(settings)
+    # A one-shot command exports no metrics: they go to a registry of their own.
+    names = [product.name for product in settings.products]
+    sources = build_sources(settings, Metrics(CollectorRegistry(), names, __version__))
     results: dict[str, Any] = {}
     await sources.start()
     try:

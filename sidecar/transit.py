@@ -21,22 +21,24 @@ import logging
 import random
 import re
 import time
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Sequence
+from typing import Any
 
+from prometheus_client import CollectorRegistry
+
+from . import __version__
 from .blocking import cancel_and_wait
 from .coalescer import Coalescer
 from .config import Settings, TransitSettings
 from .errors import SecretInvalid, SecretUnavailable, SourceError
+from .metrics import Metrics
 from .names import DEFAULT_PRODUCT
 from .signer import RemoteSigner, b64url
 from .sources.vault import VaultSession
-from .sources.vault_client import VaultHTTPError, VaultPermissionDenied
+from .sources.vault_bounds import status_error
+from .sources.vault_client import VaultHTTPError
 from .state import SecretStore, Snapshot
 from .timing import jittered, sleep_or_wake
-
-if TYPE_CHECKING:
-    from .metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -81,34 +83,23 @@ class TransitClient:
     async def hmac(self, inputs: Sequence[bytes]) -> list[Outcome]:
         """One outcome per input; raises `SourceError` when the whole call failed."""
         body = {"batch_input": [{"input": base64.b64encode(data).decode()} for data in inputs]}
-        state = await self.session.token()
-        try:
-            return self._outcomes(await self._post(state.token.reveal(), body), len(inputs))
-        except VaultHTTPError as exc:
-            if exc.status != 403:
-                return self._outcomes_or_raise(exc, len(inputs))
-        log.info(
-            "permission denied by transit; logging in again",
-            extra={"source": self.description, "method": self.session.auth.method},
+        path, count = self.path, len(inputs)
+        response = await self.session.call(
+            lambda c: c.adapter.post(url=path, json=body),
+            refused=lambda exc: self._refused(exc, count),
+            denied="permission denied by transit; logging in again",
+            source=self.description,
         )
-        state = await self.session.login(stale=state)
-        try:
-            return self._outcomes(await self._post(state.token.reveal(), body), len(inputs))
-        except VaultHTTPError as exc:
-            return self._outcomes_or_raise(exc, len(inputs))
+        return self._outcomes(response, count)
 
-    async def _post(self, token: str, body: dict[str, Any]) -> Any:
-        path = self.path
-        return await self.session.transport.call(
-            lambda c: c.adapter.post(url=path, json=body), token=token
-        )
-
-    def _outcomes_or_raise(self, exc: VaultHTTPError, count: int) -> list[Outcome]:
-        """Vault answers 400 when every item of a batch failed: still one error per item."""
+    def _refused(self, exc: VaultHTTPError, count: int) -> Any:
+        """Vault answers 400 when every item of a batch failed: still one error per item,
+        so that answer is taken; any other refusal is the error of the whole call."""
         if exc.status == 400 and isinstance(exc.body, dict):
             with contextlib.suppress(SecretInvalid):
-                return self._outcomes(exc.body, count)
-        raise transit_error(exc, self.settings) from None
+                self._outcomes(exc.body, count)
+                return exc.body
+        return transit_error(exc, self.settings)
 
     def _outcomes(self, response: Any, count: int) -> list[Outcome]:
         data = response.get("data") if isinstance(response, dict) else None
@@ -132,20 +123,15 @@ def transit_error(exc: VaultHTTPError, settings: TransitSettings) -> SourceError
     """An operator-facing error for a failed transit call."""
     where = f"vault transit {settings.mount}/keys/{settings.key}"
     path = f"{settings.mount}/hmac/{settings.key}/sha2-512"
-    if exc.status == 403:
-        return VaultPermissionDenied(
-            f"{where}: permission denied (HTTP 403): the token's policies must allow "
-            f'"update" on path "{path}" (see deploy/vault/reditus-sidecar-transit.hcl)'
-        )
-    if exc.status in (400, 404):
-        return SecretUnavailable(
-            f"{where}: Vault refused the HMAC (HTTP {exc.status}: {exc.said()}): check "
-            f"REDITUS_SIDECAR_TRANSIT_MOUNT ({settings.mount!r}) and "
-            f"REDITUS_SIDECAR_TRANSIT_KEY ({settings.key!r}), and that the key has type hmac",
-            retry_after=exc.retry_after,
-        )
-    return SecretUnavailable(
-        f"{where}: Vault answered HTTP {exc.status} ({exc.said()})", retry_after=exc.retry_after
+    return status_error(
+        "transit",
+        exc,
+        where=where,
+        capability="update",
+        path=path,
+        policy="reditus-sidecar-transit.hcl",
+        mount=settings.mount,
+        key=settings.key,
     )
 
 
@@ -177,20 +163,30 @@ class TransitMode:
         self,
         settings: Settings,
         store: SecretStore,
-        metrics: Metrics | None = None,
+        metrics: Metrics,
         *,
         session: VaultSession | None = None,
         max_batch: int | None = None,
         max_in_flight: int | None = None,
         rng: random.Random | None = None,
+        monotonic: Callable[[], float] = time.monotonic,
+        perf_counter: Callable[[], float] = time.perf_counter,
+        wall: Callable[[], float] = time.time,
     ) -> None:
         assert settings.transit is not None  # checked by load_settings
         self.settings = settings
         self.store = store
         self.metrics = metrics
         self.interval = settings.refresh_interval
+        self._monotonic = monotonic
+        self._perf_counter = perf_counter
+        self._wall = wall
         self.session = session or VaultSession(
-            settings.vault, metrics, backoff_max=settings.backoff_max
+            settings.vault,
+            metrics,
+            backoff_max=settings.backoff_max,
+            monotonic=monotonic,
+            wall=wall,
         )
         self.client = TransitClient(self.session, settings.transit)
         self.description = self.client.description
@@ -208,15 +204,14 @@ class TransitMode:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._next_probe = 0.0
-        if metrics is not None:
-            self._batch_size = metrics.transit_batch_size
-            self._call_duration = metrics.transit_call_duration
-            self._calls = {r: metrics.transit_calls.labels(result=r) for r in ("success", "error")}
+        self._batch_size = metrics.transit_batch_size
+        self._call_duration = metrics.transit_call_duration
+        self._calls = {r: metrics.transit_calls.labels(result=r) for r in ("success", "error")}
 
     # --- the batch call ---------------------------------------------------------------
 
     async def _call(self, inputs: list[bytes]) -> list[Outcome]:
-        started = time.perf_counter()
+        started = self._perf_counter()
         try:
             outcomes = await self.client.hmac(inputs)
         except SourceError:
@@ -229,10 +224,9 @@ class TransitMode:
         return outcomes
 
     def _observe(self, size: int, started: float, result: str) -> None:
-        if self.metrics is not None:
-            self._batch_size.observe(size)
-            self._call_duration.observe(time.perf_counter() - started)
-            self._calls[result].inc()
+        self._batch_size.observe(size)
+        self._call_duration.observe(self._perf_counter() - started)
+        self._calls[result].inc()
 
     def _seen(self, version: int, *, probed: bool = False) -> None:
         """Vault signed with key `version`: the store is confirmed, or moves to it.
@@ -243,18 +237,16 @@ class TransitMode:
         starts at 1 again; a bogus answer from something in between) would stay in the
         store and in `reditus_sidecar_secret_version` until a restart."""
         current = self.store.peek(self.product)
-        now = time.time()
-        if self.metrics is not None:
-            self.metrics.secret_last_success.labels(product=self.product).set(now)
+        now = self._wall()
+        self.metrics.secret_last_success.labels(product=self.product).set(now)
         if current is not None and (
             current.version == version or (current.version > version and not probed)
         ):
             self.store.confirm(self.product)
             return
         self.store.replace(self.product, Snapshot(self.signer, version=version, loaded_at=now))
-        if self.metrics is not None:
-            self.metrics.secret_version.labels(product=self.product).set(version)
-            self.metrics.secret_loaded.labels(product=self.product).set(now)
+        self.metrics.secret_version.labels(product=self.product).set(version)
+        self.metrics.secret_loaded.labels(product=self.product).set(now)
         extra = {
             "product": self.product,
             "product_id": self.signer.product_id,
@@ -293,8 +285,7 @@ class TransitMode:
         return True
 
     def _count_probe(self, result: str) -> None:
-        if self.metrics is not None:
-            self.metrics.secret_refresh.labels(product=self.product, result=result).inc()
+        self.metrics.secret_refresh.labels(product=self.product, result=result).inc()
 
     async def _loop(self) -> None:
         while True:
@@ -303,14 +294,14 @@ class TransitMode:
                 delay = jittered(self.interval, self._rng)
             else:
                 delay = max(0.05, self.coalescer.refused_for())
-            self._next_probe = time.monotonic() + delay
+            self._next_probe = self._monotonic() + delay
             await sleep_or_wake(self._wake, delay)
 
     # --- Freshness: what the server asks of whatever keeps signing material fresh ------
 
     def retry_after(self, _product: str) -> int:
         """Whole seconds until signing may work again (for Retry-After)."""
-        wait = self.coalescer.refused_for() or (self._next_probe - time.monotonic())
+        wait = self.coalescer.refused_for() or (self._next_probe - self._monotonic())
         return max(1, min(int(self.settings.backoff_max), round(wait)))
 
     def refresh_now(self) -> None:
@@ -336,7 +327,9 @@ async def sign_once(settings: Settings, user_id: str | None, iat: int) -> tuple[
     None); returns (token or "", key version). The token it logged in for is revoked at
     the end, as `serve` does at shutdown."""
     store = SecretStore([DEFAULT_PRODUCT])
-    mode = TransitMode(settings, store)
+    # A one-shot command exports no metrics: they go to a registry of their own.
+    metrics = Metrics(CollectorRegistry(), [DEFAULT_PRODUCT], __version__)
+    mode = TransitMode(settings, store, metrics)
     await mode.session.start()
     try:
         if user_id is None:

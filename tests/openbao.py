@@ -490,8 +490,13 @@ def approle_session(
     )
 
 
+def unexported() -> Metrics:
+    """Metrics for a session whose test reads none of them (a registry of their own)."""
+    return Metrics(CollectorRegistry(), ["default"], "test")
+
+
 def session_for(
-    openbao: Bao, metrics: Metrics | None, *, backoff_max: float = 2, **env: str
+    openbao: Bao, metrics: Metrics, *, backoff_max: float = 2, **env: str
 ) -> tuple[VaultSession, VaultSource]:
     """A Vault session with `openbao.settings(**env)` and the source of its one product."""
     settings = openbao.settings(**env)

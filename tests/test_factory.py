@@ -12,6 +12,7 @@ from sidecar.config import load_settings
 from sidecar.sources.factory import SourceSet, build_sources
 from sidecar.sources.file import FileSource
 from sidecar.sources.vault import VaultSession, VaultSource
+from tests.openbao import unexported
 from tests.support import write_secret
 
 VAULT = {"VAULT_ADDR": "http://127.0.0.1:1", "VAULT_TOKEN": "t"}
@@ -30,7 +31,7 @@ async def test_file_mode_reads_each_products_own_file(tmp_path: Path) -> None:
     write_secret(tmp_path / "eu.json", product_id="prod-eu")
     write_secret(tmp_path / "us.json", product_id="prod-us")
     settings = load_settings({"REDITUS_SIDECAR_SECRET_SOURCE": "file"}, str(two_products(tmp_path)))
-    built = build_sources(settings)
+    built = build_sources(settings, unexported())
     assert built.shared == []
     assert all(isinstance(source, FileSource) for source in built.sources.values())
     read = {name: (await source.fetch()).product_id for name, source in built.sources.items()}
@@ -39,7 +40,7 @@ async def test_file_mode_reads_each_products_own_file(tmp_path: Path) -> None:
 
 def test_vault_mode_shares_one_session_between_the_products(tmp_path: Path) -> None:
     settings = load_settings(VAULT, str(two_products(tmp_path)))
-    built = build_sources(settings)
+    built = build_sources(settings, unexported())
     (session,) = built.shared
     assert isinstance(session, VaultSession)
     assert sorted(built.sources) == ["eu", "us"]
@@ -52,7 +53,7 @@ def test_vault_mode_shares_one_session_between_the_products(tmp_path: Path) -> N
 def test_transit_mode_builds_no_source_and_no_second_session() -> None:
     """Transit mode owns its Vault session; a session here would log in a second time."""
     env = {**VAULT, "REDITUS_SIDECAR_SECRET_SOURCE": "transit", "REDITUS_SIDECAR_PRODUCT_ID": "p"}
-    built = build_sources(load_settings(env))
+    built = build_sources(load_settings(env), unexported())
     assert built.sources == {}
     assert built.shared == []
 

@@ -24,7 +24,7 @@ from sidecar.devserver import OpenBaoDevServer, find_bao
 from sidecar.errors import SecretUnavailable
 from sidecar.state import SecretStore
 from sidecar.transit import TransitMode
-from tests.openbao import Bao, unique, vault_sidecar, write_file
+from tests.openbao import Bao, unexported, unique, vault_sidecar, write_file
 from tests.support import (
     JoseSigner,
     base_env,
@@ -267,7 +267,7 @@ async def test_a_wrong_mount_is_a_404_that_names_the_mount_setting(bao: Bao, key
         REDITUS_SIDECAR_TRANSIT_KEY=key,
         REDITUS_SIDECAR_PRODUCT_ID=PRODUCT_ID,
     )
-    mode = TransitMode(settings, SecretStore(["default"]))
+    mode = TransitMode(settings, SecretStore(["default"]), unexported())
     try:
         with pytest.raises(SecretUnavailable) as caught:
             await mode.client.hmac([b"header.payload"])

@@ -17,7 +17,7 @@ import pytest
 
 from sidecar.state import SecretStore
 from sidecar.transit import TransitMode
-from tests.openbao import Bao, unique
+from tests.openbao import Bao, unexported, unique
 from tests.test_vault_policy import run_script
 
 pytestmark = pytest.mark.integration
@@ -45,7 +45,7 @@ async def sign_probe(openbao: Bao, token: str, mount: str, key: str) -> tuple[by
         REDITUS_SIDECAR_TRANSIT_KEY=key,
         REDITUS_SIDECAR_PRODUCT_ID="prod-setup",
     )
-    mode = TransitMode(settings, SecretStore(["default"]))
+    mode = TransitMode(settings, SecretStore(["default"]), unexported())
     try:
         [outcome] = await mode.client.hmac([b"header.payload"])
     finally:

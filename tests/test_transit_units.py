@@ -1,7 +1,7 @@
 """Transit mode in process, with a fake Vault session: how a batch answer or an HTTP error
 becomes per-item outcomes or one failed call, the operator's message for each status, the
 call metrics, the probe's changed/unchanged count, and Retry-After from the probe's
-schedule. Clocks are injected by replacing the module's `time` with a fake."""
+schedule. Clocks are injected: `make_mode` hands the mode the `clock` fixture's."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import hmac
 import itertools
 import logging
 import re
+import sys
 import time
 from collections.abc import Callable
 from types import SimpleNamespace
@@ -19,10 +20,10 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry
 
-from sidecar import transit
 from sidecar.config import Settings, load_settings
 from sidecar.errors import SecretInvalid, SecretUnavailable
 from sidecar.metrics import Metrics
+from sidecar.sources.vault import VaultSession
 from sidecar.sources.vault_client import VaultHTTPError, VaultPermissionDenied
 from sidecar.state import SecretStore
 from sidecar.timing import JITTER
@@ -73,6 +74,8 @@ class FakeSession:
         self.most_in_flight = 0
         self.entered = asyncio.Event()  # a call has started
 
+    call = VaultSession.call  # the session's own: the token, the 403 re-login, the errors
+
     async def token(self) -> Any:
         return self._state
 
@@ -97,15 +100,23 @@ class FakeSession:
             self.in_flight -= 1
 
 
+#: The clocks handed to each mode: the real ones, unless the `clock` fixture put its own.
+mode_clock: Any = time
+
+
 def make_mode(
     handler: Handler, metrics: Metrics | None = None, rng: Any = None, **env: str
 ) -> TransitMode:
+    """A mode on `handler`; its metrics on a registry of their own unless given."""
     return TransitMode(
         settings(**env),
         SecretStore(["default"]),
-        metrics,
+        metrics or Metrics(CollectorRegistry(), ["default"], "test"),
         session=FakeSession(handler),  # type: ignore[arg-type]
         rng=rng,
+        monotonic=mode_clock.monotonic,
+        perf_counter=mode_clock.perf_counter,
+        wall=mode_clock.time,
     )
 
 
@@ -318,9 +329,9 @@ def test_another_status_says_only_what_vault_answered() -> None:
 
 @pytest.fixture
 def clock(clock: FakeClock, monkeypatch: pytest.MonkeyPatch) -> FakeClock:
-    """The shared fake clock (conftest.py) in place of transit's `time` module: perf_counter
-    and monotonic move only when the test says so; Unix time is the real one."""
-    monkeypatch.setattr(transit, "time", clock)
+    """The shared fake clock (conftest.py) as the mode's clocks: perf_counter and monotonic
+    move only when the test says so; Unix time is the real one."""
+    monkeypatch.setattr(sys.modules[__name__], "mode_clock", clock)
     return clock
 
 
@@ -416,7 +427,7 @@ async def test_the_first_key_version_is_logged_in_use_and_a_later_one_rotated(
 ) -> None:
     version = 1
     mode = make_mode(lambda inputs: signed(version)(inputs))
-    with caplog.at_level(logging.INFO, logger=transit.__name__):
+    with caplog.at_level(logging.INFO, logger="sidecar.transit"):
         await mode.signer.sign_remote("u-1", 1_700_000_000)
         await mode.signer.sign_remote("u-2", 1_700_000_000)  # the same version: no log
         version = 2
@@ -486,7 +497,7 @@ async def test_a_failed_probe_is_counted_logged_and_not_ready(
     caplog: pytest.LogCaptureFixture, registry: CollectorRegistry, metrics: Metrics
 ) -> None:
     mode = make_mode(raising(http_error(500, None, "sealed")), metrics)
-    with caplog.at_level(logging.WARNING, logger=transit.__name__):
+    with caplog.at_level(logging.WARNING, logger="sidecar.transit"):
         assert not await mode.probe()
     labels = {"product": "default", "result": "error"}
     assert registry.get_sample_value("reditus_sidecar_secret_refresh_total", labels) == 1
@@ -560,7 +571,7 @@ async def test_a_probe_answered_with_a_lower_version_counts_as_changed_and_is_be
     mode = make_mode(lambda inputs: signed(version)(inputs), metrics)
     assert await mode.probe()
     version = 1
-    with caplog.at_level(logging.INFO, logger=transit.__name__):
+    with caplog.at_level(logging.INFO, logger="sidecar.transit"):
         assert await mode.probe()
     labels = {"product": "default", "result": "changed"}
     assert registry.get_sample_value("reditus_sidecar_secret_refresh_total", labels) == 2

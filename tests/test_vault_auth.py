@@ -18,7 +18,6 @@ from unittest.mock import MagicMock
 
 import pytest
 
-import sidecar.sources.vault_auth as vault_auth
 from sidecar.config import VaultSettings, load_settings
 from sidecar.errors import SecretUnavailable
 from sidecar.metrics import Metrics
@@ -33,6 +32,7 @@ from tests.openbao import (
     sample,
     service_account_jwt,
     session_for,
+    unexported,
     write_file,
 )
 from tests.support import FakeClock, eventually_async
@@ -61,7 +61,7 @@ async def test_token_from_env(openbao, kv_path, vault_metrics, registry, leak_gu
 
 
 async def test_client_never_reads_home_token_or_env(
-    openbao, tmp_path, monkeypatch, leak_guard
+    openbao, tmp_path, monkeypatch, leak_guard, vault_metrics
 ) -> None:
     """hvac would fall back to VAULT_TOKEN and ~/.vault-token; our client must not."""
     monkeypatch.setenv("HOME", str(tmp_path))
@@ -69,7 +69,7 @@ async def test_client_never_reads_home_token_or_env(
     monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(tmp_path / "missing.pem"))
     write_file(tmp_path / ".vault-token", openbao.root_token)
     leak_guard.add(openbao.root_token)
-    session, _ = session_for(openbao, None, VAULT_TOKEN="placeholder")
+    session, _ = session_for(openbao, vault_metrics, VAULT_TOKEN="placeholder")
     try:
         client = session.transport.client(None)
         assert client.token == ""
@@ -156,7 +156,7 @@ async def test_approle_on_a_custom_mount(openbao, kv_path, tmp_path, leak_guard)
     leak_guard.add(secret_id)
     session, source = session_for(
         openbao,
-        None,
+        unexported(),
         REDITUS_SIDECAR_VAULT_AUTH="approle",
         REDITUS_SIDECAR_VAULT_AUTH_MOUNT="approle-reditus",
         REDITUS_SIDECAR_VAULT_ROLE_ID=role_id,
@@ -187,7 +187,7 @@ async def test_approle_refused(openbao, kv_path, tmp_path, vault_metrics, regist
 
 
 def role_session(
-    openbao: Bao, metrics: Metrics | None, method: str, role: str, jwt_file: Path, kv_path: str
+    openbao: Bao, metrics: Metrics, method: str, role: str, jwt_file: Path, kv_path: str
 ) -> tuple[VaultSession, VaultSource]:
     """A `jwt` or `kubernetes` login with `role`, reading its token from `jwt_file`."""
     return session_for(
@@ -230,7 +230,7 @@ async def test_jwt_signed_by_another_key_is_refused(
     forged = service_account_jwt(rsa_key())
     leak_guard.add(forged)
     session, source = role_session(
-        openbao, None, "jwt", role, write_file(tmp_path / "token", forged), kv_path
+        openbao, unexported(), "jwt", role, write_file(tmp_path / "token", forged), kv_path
     )
     try:
         with pytest.raises(VaultLoginRefused) as caught:
@@ -277,7 +277,7 @@ async def test_kubernetes_token_refused_by_token_review(
     unknown = service_account_jwt(key)
     leak_guard.add(unknown)
     session, source = role_session(
-        openbao, None, "kubernetes", role, write_file(tmp_path / "token", unknown), kv_path
+        openbao, unexported(), "kubernetes", role, write_file(tmp_path / "token", unknown), kv_path
     )
     try:
         with pytest.raises(VaultLoginRefused) as caught:
@@ -430,10 +430,10 @@ def test_a_credential_file_missing_or_unreadable(tmp_path: Path) -> None:
 
 
 @pytest.fixture
-def clock(clock: FakeClock, monkeypatch: pytest.MonkeyPatch) -> FakeClock:
-    """vault_auth's clocks (the shared fake, conftest.py), fixed: Unix time 1000, monotonic 50."""
+def clock(clock: FakeClock) -> FakeClock:
+    """The clocks handed to vault_auth (the shared fake, conftest.py), fixed: Unix time 1000,
+    monotonic 50."""
     clock.now, clock.epoch = 50.0, 950.0
-    monkeypatch.setattr(vault_auth, "time", clock)
     return clock
 
 
@@ -444,10 +444,10 @@ def state(ttl: float, *, granted_at: float = 40.0, increment: int = 60, renewabl
 def test_token_lifetime(clock: FakeClock) -> None:
     assert state(30.0).expires_at == 70.0
     assert state(0.0).expires_at is None
-    assert state(30.0).expiry_wall_time() == 1020.0  # 1000 + (40 + 30 - 50)
-    assert state(0.0).expiry_wall_time() == 0.0
+    assert state(30.0).expiry_wall_time(clock, clock.time) == 1020.0  # 1000 + (40 + 30 - 50)
+    assert state(0.0).expiry_wall_time(clock, clock.time) == 0.0
     assert state(1.0).expires_at == 41.0  # a one-second token still expires
-    assert state(1.0).expiry_wall_time() == 991.0
+    assert state(1.0).expiry_wall_time(clock, clock.time) == 991.0
     assert state(30.0).capped is False
 
 
@@ -493,7 +493,7 @@ async def test_approle_login_sends_role_and_secret_id_and_trusts_lookup_self(
     transport = Recorded()
     transport.client.auth.approle.login.return_value = LOGGED_IN
     transport.client.auth.token.lookup_self.return_value = LOOKED_UP
-    token = await Authenticator(approle(tmp_path)).login(transport)  # type: ignore[arg-type]
+    token = await Authenticator(approle(tmp_path), clock).login(transport)  # type: ignore[arg-type]
     transport.client.auth.approle.login.assert_called_once_with(
         "rid-value", "sid-value", use_token=False, mount_point="approle-x"
     )
@@ -530,7 +530,7 @@ async def test_a_tokens_lifetime_from_lookup_self_or_the_login_answer(
         transport.client.auth.token.lookup_self.side_effect = lookup
     else:
         transport.client.auth.token.lookup_self.return_value = lookup
-    token = await Authenticator(approle(tmp_path)).login(transport)  # type: ignore[arg-type]
+    token = await Authenticator(approle(tmp_path), clock).login(transport)  # type: ignore[arg-type]
     assert (token.renewable, token.ttl, token.increment) == expected
 
 
@@ -788,7 +788,7 @@ async def test_renewal_asks_for_the_creation_ttl_and_sees_the_cap(
     transport = Recorded()
     transport.client.auth.token.renew_self.return_value = {"auth": answer}
     held = state(30.0, increment=increment)
-    renewed = await renew(transport, held)  # type: ignore[arg-type]
+    renewed = await renew(transport, held, clock)  # type: ignore[arg-type]
     transport.client.auth.token.renew_self.assert_called_once_with(increment=asked)
     assert transport.tokens == ["s.held"]
     assert (renewed.renewable, renewed.ttl, renewed.capped) == expected

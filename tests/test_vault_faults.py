@@ -39,6 +39,7 @@ from tests.openbao import (
     make_ca,
     make_server_cert,
     session_for,
+    unexported,
     unique,
     vault_sidecar,
     write_file,
@@ -79,7 +80,7 @@ def settings_env(server: OpenBaoDevServer, **env: str) -> dict[str, str]:
 
 async def test_unreachable_vault(openbao) -> None:
     port = free_port_pair()
-    session, source = session_for(openbao, None, VAULT_ADDR=f"http://127.0.0.1:{port}")
+    session, source = session_for(openbao, unexported(), VAULT_ADDR=f"http://127.0.0.1:{port}")
     try:
         with pytest.raises(VaultUnreachable) as caught:
             await source.fetch()
@@ -98,7 +99,7 @@ def vault_call_running() -> bool:
 async def test_hung_vault_times_out_and_close_is_prompt(own_bao) -> None:
     seed(own_bao)
     bao = Bao(own_bao)
-    session, source = session_for(bao, None, **settings_env(own_bao))
+    session, source = session_for(bao, unexported(), **settings_env(own_bao))
     await session.start()
     try:
         assert (await source.fetch()).version == 1
@@ -137,7 +138,7 @@ async def test_close_is_prompt_while_the_first_login_hangs(own_bao) -> None:
             ),
             REDITUS_SIDECAR_VAULT_TIMEOUT="5",
         )
-        session = VaultSession(settings.vault)
+        session = VaultSession(settings.vault, unexported())
         await session.start()  # returns at once although Vault cannot answer
         await eventually_async(vault_call_running, what="the login in flight")
         await asyncio.wait_for(session.close(), 30)
@@ -213,7 +214,7 @@ async def test_restarted_vault_means_a_new_login(own_bao, vault_metrics, registr
 async def test_tls_with_custom_ca(openbao, kv_path) -> None:
     session, source = session_for(
         openbao,
-        None,
+        unexported(),
         VAULT_ADDR=openbao.tls_addr,
         VAULT_CACERT=str(openbao.ca_file),
         REDITUS_SIDECAR_KV_PATH=kv_path,
@@ -228,7 +229,7 @@ async def test_tls_with_the_wrong_ca(openbao, kv_path, tmp_path) -> None:
     other_ca, _, _ = make_ca(tmp_path, "other-ca")
     session, source = session_for(
         openbao,
-        None,
+        unexported(),
         VAULT_ADDR=openbao.tls_addr,
         VAULT_CACERT=str(other_ca),
         REDITUS_SIDECAR_KV_PATH=kv_path,
@@ -245,7 +246,7 @@ async def test_tls_with_the_wrong_ca(openbao, kv_path, tmp_path) -> None:
 
 async def test_tls_without_ca_says_to_set_vault_cacert(openbao, kv_path) -> None:
     session, source = session_for(
-        openbao, None, VAULT_ADDR=openbao.tls_addr, REDITUS_SIDECAR_KV_PATH=kv_path
+        openbao, unexported(), VAULT_ADDR=openbao.tls_addr, REDITUS_SIDECAR_KV_PATH=kv_path
     )
     try:
         with pytest.raises(VaultTLSError, match="set VAULT_CACERT"):
@@ -257,7 +258,7 @@ async def test_tls_without_ca_says_to_set_vault_cacert(openbao, kv_path) -> None
 async def test_tls_skip_verify_works_and_warns(openbao, kv_path, caplog) -> None:
     session, source = session_for(
         openbao,
-        None,
+        unexported(),
         VAULT_ADDR=openbao.tls_addr,
         VAULT_SKIP_VERIFY="true",
         REDITUS_SIDECAR_KV_PATH=kv_path,
@@ -355,7 +356,7 @@ def test_cold_start_before_vault_exists() -> None:
 async def test_something_else_answering_at_vault_addr(openbao) -> None:
     """A proxy or web server at VAULT_ADDR: a clear error, not a crash."""
     with answering_http(b"<html>hello</html>", "text/html") as (url, _seen):
-        session, source = session_for(openbao, None, VAULT_ADDR=url)
+        session, source = session_for(openbao, unexported(), VAULT_ADDR=url)
         try:
             with pytest.raises(VaultUnreachable, match="not Vault's JSON API"):
                 await source.fetch()

@@ -16,7 +16,7 @@ import hvac.exceptions
 import pytest
 
 from sidecar.demo import POLICY_HCL, policy_for
-from tests.openbao import Bao, service_account_jwt, session_for, unique, write_file
+from tests.openbao import Bao, service_account_jwt, session_for, unexported, unique, write_file
 from tests.support import ROOT, base_env
 
 DEPLOY = ROOT / "deploy" / "vault"
@@ -40,7 +40,7 @@ def policy_token(openbao: Bao) -> str:
 
 
 async def test_policy_is_enough_for_the_sidecar(openbao, policy_token) -> None:
-    session, source = session_for(openbao, None, VAULT_TOKEN=policy_token)
+    session, source = session_for(openbao, unexported(), VAULT_TOKEN=policy_token)
     try:
         material = await source.fetch()
         assert material.product_id == "prod-policy"
@@ -100,7 +100,7 @@ async def product_id_as_pod(
     """Log in with the variables a set-up script printed and a service-account token, as
     the pod would, and read the product id."""
     session, source = session_for(
-        openbao, None, **values,
+        openbao, unexported(), **values,
         REDITUS_SIDECAR_VAULT_JWT_FILE=str(write_file(tmp_path / "sa", token)),
     )  # fmt: skip
     try:
@@ -132,7 +132,7 @@ async def test_setup_approle_script(openbao, tmp_path) -> None:
     values = exported(result.stdout)
     assert values["REDITUS_SIDECAR_VAULT_AUTH_MOUNT"] == mount
     session, source = session_for(
-        openbao, None, **values, REDITUS_SIDECAR_VAULT_SECRET_ID_FILE=str(secret_id_file)
+        openbao, unexported(), **values, REDITUS_SIDECAR_VAULT_SECRET_ID_FILE=str(secret_id_file)
     )
     try:
         material = await source.fetch()

@@ -16,6 +16,8 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import sys
+import time
 import types
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -25,8 +27,6 @@ from unittest.mock import MagicMock
 import pytest
 from prometheus_client import CollectorRegistry
 
-import sidecar.sources.vault as vault
-import sidecar.sources.vault_auth as vault_auth
 from sidecar.config import VaultSettings, load_settings
 from sidecar.errors import SecretInvalid, SecretUnavailable, SourceError
 from sidecar.metrics import Metrics
@@ -60,8 +60,13 @@ def token_file(tmp_path: Path) -> VaultSettings:
     return settings(token=None, token_file=path)
 
 
+#: The clocks handed to each session: the real ones, unless the `loop_clock` or `clock`
+#: fixture put its own here for the test.
+session_clock: Any = types.SimpleNamespace(monotonic=time.monotonic, time=time.time)
+
+
 def now() -> float:
-    return float(vault.time.monotonic())
+    return float(session_clock.monotonic())
 
 
 @dataclasses.dataclass
@@ -156,7 +161,13 @@ def refused(status: int, retry_after: float | None = None) -> VaultHTTPError:
 def session_of(
     vault_settings: VaultSettings, registry: CollectorRegistry, rng: Any = TOP
 ) -> tuple[VaultSession, FakeTransport]:
-    session = VaultSession(vault_settings, Metrics(registry, ["default"], "test"), rng=rng)
+    session = VaultSession(
+        vault_settings,
+        Metrics(registry, ["default"], "test"),
+        rng=rng,
+        monotonic=session_clock.monotonic,
+        wall=session_clock.time,
+    )
     session.transport.close()
     fake = FakeTransport()
     session.transport = fake  # type: ignore[assignment]
@@ -208,8 +219,7 @@ def loop_clock(monkeypatch: pytest.MonkeyPatch) -> None:
         monotonic=lambda: asyncio.get_running_loop().time(),
         time=lambda: WALL + asyncio.get_running_loop().time(),
     )
-    monkeypatch.setattr(vault, "time", clock)
-    monkeypatch.setattr(vault_auth, "time", clock)
+    monkeypatch.setattr(sys.modules[__name__], "session_clock", clock)
 
 
 @pytest.fixture
@@ -217,8 +227,7 @@ def clock(clock: FakeClock, monkeypatch: pytest.MonkeyPatch) -> FakeClock:
     """The shared fake clock (conftest.py) as the session's, moved by the test: monotonic
     `now` (from 100), Unix time WALL + now."""
     clock.epoch = WALL
-    monkeypatch.setattr(vault, "time", clock)
-    monkeypatch.setattr(vault_auth, "time", clock)
+    monkeypatch.setattr(sys.modules[__name__], "session_clock", clock)
     return clock
 
 

@@ -12,11 +12,11 @@ from sidecar.config import Product
 from sidecar.errors import SecretInvalid, SecretUnavailable
 from sidecar.sources.vault import VaultSession, VaultSource
 from sidecar.sources.vault_client import VaultPermissionDenied
-from tests.openbao import Bao, approle_session, logins, session_for, unique, write_file
+from tests.openbao import Bao, approle_session, logins, session_for, unexported, unique, write_file
 
 
 async def test_reads_id_secret_and_version(openbao, kv_path, leak_guard) -> None:
-    session, source = session_for(openbao, None, REDITUS_SIDECAR_KV_PATH=kv_path)
+    session, source = session_for(openbao, unexported(), REDITUS_SIDECAR_KV_PATH=kv_path)
     leak_guard.add("secret-one-" + "x" * 64, openbao.root_token)
     try:
         material = await source.fetch()
@@ -31,7 +31,7 @@ async def test_reads_id_secret_and_version(openbao, kv_path, leak_guard) -> None
 
 
 async def test_rotation_is_seen_as_a_new_version(openbao, kv_path) -> None:
-    session, source = session_for(openbao, None, REDITUS_SIDECAR_KV_PATH=kv_path)
+    session, source = session_for(openbao, unexported(), REDITUS_SIDECAR_KV_PATH=kv_path)
     try:
         assert (await source.fetch()).version == 1
         openbao.put(kv_path, product_id="prod-1", product_secret="rotated-" + "y" * 64)
@@ -47,7 +47,7 @@ async def test_custom_field_names(openbao) -> None:
     openbao.put(path, id="p-9", key="k" * 64)
     session, source = session_for(
         openbao,
-        None,
+        unexported(),
         REDITUS_SIDECAR_KV_PATH=path,
         REDITUS_SIDECAR_PRODUCT_ID_KEY="id",
         REDITUS_SIDECAR_SECRET_KEY="key",
@@ -68,7 +68,7 @@ async def test_custom_field_names(openbao) -> None:
     ],
 )
 async def test_missing_or_empty_fields(openbao, kv_path, data, expected) -> None:
-    session, source = session_for(openbao, None, REDITUS_SIDECAR_KV_PATH=kv_path)
+    session, source = session_for(openbao, unexported(), REDITUS_SIDECAR_KV_PATH=kv_path)
     try:
         openbao.put(kv_path, **data)
         with pytest.raises(SecretInvalid) as caught:
@@ -81,7 +81,7 @@ async def test_missing_or_empty_fields(openbao, kv_path, data, expected) -> None
 
 async def test_deleted_then_destroyed_latest_version(openbao, kv_path) -> None:
     root = openbao.root()
-    session, source = session_for(openbao, None, REDITUS_SIDECAR_KV_PATH=kv_path)
+    session, source = session_for(openbao, unexported(), REDITUS_SIDECAR_KV_PATH=kv_path)
     try:
         openbao.put(kv_path, product_id="prod-1", product_secret="v2-" + "z" * 64)
         root.secrets.kv.v2.delete_latest_version_of_secret(kv_path)
@@ -105,7 +105,7 @@ async def test_deleted_then_destroyed_latest_version(openbao, kv_path) -> None:
 async def test_missing_path_names_mount_and_path(openbao, mount) -> None:
     path = unique("absent")
     session, source = session_for(
-        openbao, None, REDITUS_SIDECAR_KV_PATH=path, REDITUS_SIDECAR_KV_MOUNT=mount
+        openbao, unexported(), REDITUS_SIDECAR_KV_PATH=path, REDITUS_SIDECAR_KV_MOUNT=mount
     )
     try:
         with pytest.raises(SecretUnavailable) as caught:
@@ -176,7 +176,7 @@ async def test_rate_limited_read_carries_retry_after(openbao: Bao, kv_path) -> N
         f"sys/quotas/rate-limit/{quota}",
         data={"path": f"secret/data/{kv_path}", "rate": 1, "interval": "30s"},
     )
-    session, source = session_for(openbao, None, REDITUS_SIDECAR_KV_PATH=kv_path)
+    session, source = session_for(openbao, unexported(), REDITUS_SIDECAR_KV_PATH=kv_path)
     try:
         with pytest.raises(SecretUnavailable) as caught:  # noqa: PT012 - the quota allows one
             await source.fetch()
@@ -203,9 +203,9 @@ async def test_vault_namespace(openbao: Bao) -> None:
         path, secret={"product_id": "prod-ns", "product_secret": "n" * 64}
     )
     session, source = session_for(
-        openbao, None, VAULT_NAMESPACE=namespace, REDITUS_SIDECAR_KV_PATH=path
+        openbao, unexported(), VAULT_NAMESPACE=namespace, REDITUS_SIDECAR_KV_PATH=path
     )
-    outside, outside_source = session_for(openbao, None, REDITUS_SIDECAR_KV_PATH=path)
+    outside, outside_source = session_for(openbao, unexported(), REDITUS_SIDECAR_KV_PATH=path)
     try:
         assert (await source.fetch()).product_id == "prod-ns"
         with pytest.raises(SecretUnavailable, match="HTTP 404"):

@@ -41,7 +41,7 @@ class SourceSet:
             await resource.close(revoke=revoke)
 
 
-def build_sources(settings: Settings, metrics: Metrics | None = None) -> SourceSet:
+def build_sources(settings: Settings, metrics: Metrics) -> SourceSet:
     """One source per configured product, of the configured kind."""
     if settings.secret_source == "file":
         sources: dict[str, SecretSource] = {}

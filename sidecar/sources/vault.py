@@ -14,21 +14,25 @@ import asyncio
 import logging
 import random
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import hvac
 
 from ..blocking import cancel_and_wait
 from ..config import Product, VaultSettings
-from ..errors import SecretInvalid, SecretUnavailable, SourceError
+from ..errors import SecretInvalid, SourceError
 from ..timing import backoff_delay, sleep_or_wake
 from .base import SecretMaterial, material_from_mapping
 from .vault_auth import Authenticator, TokenState, renew
-from .vault_client import VaultHTTPError, VaultPermissionDenied, VaultTimeout, VaultTransport
+from .vault_bounds import status_error
+from .vault_client import VaultHTTPError, VaultTimeout, VaultTransport
 from .vault_tls import ClientPair
 
 if TYPE_CHECKING:
     from ..metrics import Metrics
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 # Revocation speaks on a logger of its own: the one-shot commands silence the session's
@@ -49,18 +53,22 @@ class VaultSession:
     def __init__(
         self,
         settings: VaultSettings,
-        metrics: Metrics | None = None,
+        metrics: Metrics,
         *,
         backoff_max: float = DEFAULT_BACKOFF_MAX,
         rng: random.Random | None = None,
+        monotonic: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
     ) -> None:
         self.settings = settings
         self.metrics = metrics
         self.backoff_max = backoff_max
+        self._monotonic = monotonic
+        self._wall = wall
         self.transport = VaultTransport(settings, self._client_cert_loaded)
-        if self.transport.pair is not None and metrics is not None:
+        if self.transport.pair is not None:
             metrics.vault_client_cert_expiry.set(self.transport.pair.not_after.timestamp())
-        self.auth = Authenticator(settings)
+        self.auth = Authenticator(settings, monotonic)
         self._rng = rng or random.Random()  # noqa: S311 - jitter, not cryptography
         self._state: TokenState | None = None
         self._lock = asyncio.Lock()
@@ -89,8 +97,7 @@ class VaultSession:
             await self.revoke()
         self.transport.close()
         self._state = None
-        if self.metrics is not None:
-            self.metrics.vault_token_expiry.set(0)
+        self.metrics.vault_token_expiry.set(0)
 
     async def revoke(self) -> None:
         """Revoke the token we logged in for (REDITUS_SIDECAR_REVOKE_ON_SHUTDOWN): a pod's
@@ -128,10 +135,9 @@ class VaultSession:
             )
 
     def _client_cert_loaded(self, result: str, pair: ClientPair | None) -> None:
-        if self.metrics is not None:
-            self.metrics.vault_client_cert_reload.labels(result=result).inc()
-            if pair is not None:
-                self.metrics.vault_client_cert_expiry.set(pair.not_after.timestamp())
+        self.metrics.vault_client_cert_reload.labels(result=result).inc()
+        if pair is not None:
+            self.metrics.vault_client_cert_expiry.set(pair.not_after.timestamp())
 
     # --- token -----------------------------------------------------------------------
 
@@ -139,7 +145,7 @@ class VaultSession:
         if state is None:
             return False
         expires = state.expires_at
-        return expires is None or time.monotonic() < expires - EXPIRY_MARGIN
+        return expires is None or self._monotonic() < expires - EXPIRY_MARGIN
 
     async def token(self) -> TokenState:
         """A usable token, logging in first if there is none."""
@@ -155,7 +161,7 @@ class VaultSession:
             current = self._state
             if current is not None and current is not stale and self._usable(current):
                 return current  # another caller logged in while we waited
-            remaining = self._not_before - time.monotonic()
+            remaining = self._not_before - self._monotonic()
             if remaining > 0 and self._last_error is not None:
                 last = self._last_error
                 raise type(last)(str(last), retry_after=max(remaining, last.retry_after or 0))
@@ -165,7 +171,7 @@ class VaultSession:
                 self._login_failures += 1
                 delay = backoff_delay(self._login_failures, self.backoff_max, self._rng)
                 delay = max(delay, exc.retry_after or 0)  # Vault's Retry-After, if longer
-                self._not_before = time.monotonic() + delay
+                self._not_before = self._monotonic() + delay
                 self._last_error = exc
                 self._count_login("error")
                 log.warning(
@@ -190,16 +196,13 @@ class VaultSession:
     def _set_state(self, state: TokenState) -> None:
         self._state = state
         self._wake.set()
-        if self.metrics is not None:
-            self.metrics.vault_token_expiry.set(state.expiry_wall_time())
+        self.metrics.vault_token_expiry.set(state.expiry_wall_time(self._monotonic, self._wall))
 
     def _count_login(self, result: str) -> None:
-        if self.metrics is not None:
-            self.metrics.vault_login.labels(method=self.auth.method, result=result).inc()
+        self.metrics.vault_login.labels(method=self.auth.method, result=result).inc()
 
     def _count_renewal(self, result: str) -> None:
-        if self.metrics is not None:
-            self.metrics.vault_token_renewal.labels(result=result).inc()
+        self.metrics.vault_token_renewal.labels(result=result).inc()
 
     def _due_at(self, state: TokenState) -> float | None:
         """When to renew or log in again; None when nothing would help (or is needed)."""
@@ -217,7 +220,7 @@ class VaultSession:
             state = self._state
             if state is not None and self._usable(state):
                 due = self._due_at(state)
-                wait = None if due is None else due - time.monotonic()
+                wait = None if due is None else due - self._monotonic()
                 if wait is None or wait > 0:
                     await sleep_or_wake(self._wake, wait)
                     continue
@@ -226,7 +229,7 @@ class VaultSession:
                         renew_failures = 0
                         continue
                     renew_failures += 1
-                    left = (state.expires_at or time.monotonic()) - time.monotonic()
+                    left = (state.expires_at or self._monotonic()) - self._monotonic()
                     delay = backoff_delay(renew_failures, self.backoff_max, self._rng)
                     await asyncio.sleep(max(0.05, min(delay, left / 2)))
                     continue
@@ -237,7 +240,7 @@ class VaultSession:
         try:
             fresh = await self.login(stale=stale)
         except SourceError:
-            await asyncio.sleep(max(0.05, self._not_before - time.monotonic()))
+            await asyncio.sleep(max(0.05, self._not_before - self._monotonic()))
             return
         if not self._usable(fresh):
             # A token file still holding a dying token: give its writer time.
@@ -247,10 +250,10 @@ class VaultSession:
         """Renew once; a refused renewal (4xx) marks the token for a new login, an
         unavailable Vault (429, 5xx) is retried with the token kept."""
         try:
-            renewed = await renew(self.transport, state)
+            renewed = await renew(self.transport, state, self._monotonic)
         except VaultHTTPError as exc:
             self._count_renewal("error")
-            if exc.status == 429 or exc.status >= 500:
+            if exc.unavailable:
                 # Sealed, failing over, or a load balancer with no active node behind it:
                 # the token is still good. Retry on the backoff; a login would fail too.
                 log.warning(
@@ -282,30 +285,44 @@ class VaultSession:
 
     # --- KV v2 ----------------------------------------------------------------------
 
-    async def read_kv(self, mount: str, path: str) -> tuple[Any, int]:
-        """The `data` of the latest version and its number; log in again once on 403."""
+    # --- one call, with the token and the 403 re-login ------------------------------
+
+    async def call(
+        self,
+        fn: Callable[[hvac.Client], T],
+        *,
+        refused: Callable[[VaultHTTPError], SourceError | T],
+        denied: str,
+        source: str,
+    ) -> T:
+        """Run `fn` with our token; on a 403, log in again once (a token revoked or its
+        policies changed under us) and retry. Any other refusal, or a second 403, goes to
+        `refused`: the error to raise, or (transit's batch that failed item by item) an
+        answer after all. `denied` is the log line of the re-login, `source` what was asked."""
         state = await self.token()
         try:
-            return await self._read(state, mount, path)
+            return await self.transport.call(fn, token=state.token.reveal())
         except VaultHTTPError as exc:
             if exc.status != 403:
-                raise kv_error(exc, mount, path) from None
-        log.info(
-            "permission denied reading the secret; logging in again",
-            extra={"source": f"vault {mount}/{path}", "method": self.auth.method},
-        )
+                return _answer_or_raise(refused(exc))
+        log.info(denied, extra={"source": source, "method": self.auth.method})
         state = await self.login(stale=state)
         try:
-            return await self._read(state, mount, path)
+            return await self.transport.call(fn, token=state.token.reveal())
         except VaultHTTPError as exc:
-            raise kv_error(exc, mount, path) from None
+            return _answer_or_raise(refused(exc))
 
-    async def _read(self, state: TokenState, mount: str, path: str) -> tuple[Any, int]:
-        response = await self.transport.call(
+    # --- KV v2 ----------------------------------------------------------------------
+
+    async def read_kv(self, mount: str, path: str) -> tuple[Any, int]:
+        """The `data` of the latest version and its number; log in again once on 403."""
+        response = await self.call(
             lambda c: c.secrets.kv.v2.read_secret_version(
                 path=path, mount_point=mount, raise_on_deleted_version=True
             ),
-            token=state.token.reveal(),
+            refused=lambda exc: kv_error(exc, mount, path),
+            denied="permission denied reading the secret; logging in again",
+            source=f"vault {mount}/{path}",
         )
         body = response.get("data") if isinstance(response, dict) else None
         if not isinstance(body, dict) or not isinstance(body.get("metadata"), dict):
@@ -315,6 +332,12 @@ class VaultSession:
             )
         version = body["metadata"].get("version")
         return body.get("data"), int(version) if isinstance(version, int) else 0
+
+
+def _answer_or_raise(outcome: SourceError | T) -> T:
+    if isinstance(outcome, SourceError):
+        raise outcome from None
+    return outcome
 
 
 def _revoke_self(client: hvac.Client) -> int:
@@ -327,11 +350,6 @@ def kv_error(exc: VaultHTTPError, mount: str, path: str) -> SourceError:
     """An operator-facing error for a failed KV v2 read."""
     data_path = f"{mount}/data/{path}"
     where = f"vault {mount}/{path}"
-    if exc.status == 403:
-        return VaultPermissionDenied(
-            f"{where}: permission denied (HTTP 403): the token's policies must allow "
-            f'"read" on path "{data_path}" (see deploy/vault/reditus-sidecar.hcl)'
-        )
     if exc.status == 404:
         body = exc.body if isinstance(exc.body, dict) else {}
         metadata = (body.get("data") or {}).get("metadata") or {}
@@ -346,22 +364,15 @@ def kv_error(exc: VaultHTTPError, mount: str, path: str) -> SourceError:
                 f"{where}: the latest version ({version}) is deleted: undelete it "
                 f"(bao kv undelete -mount={mount} -versions={version} {path}) or write a new one"
             )
-        return SecretUnavailable(
-            f"{where}: no secret there (HTTP 404): check REDITUS_SIDECAR_KV_MOUNT ({mount!r}), "
-            f"REDITUS_SIDECAR_KV_PATH ({path!r}) and that {mount}/ is a KV version 2 mount"
-        )
-    if exc.status == 429:
-        return SecretUnavailable(
-            f"{where}: Vault is rate limiting us (HTTP 429)", retry_after=exc.retry_after
-        )
-    if exc.status == 503:
-        return SecretUnavailable(
-            f"{where}: Vault is unavailable (HTTP 503: {exc.said()}): sealed, in standby "
-            "or overloaded",
-            retry_after=exc.retry_after,
-        )
-    return SecretUnavailable(
-        f"{where}: Vault answered HTTP {exc.status} ({exc.said()})", retry_after=exc.retry_after
+    return status_error(
+        "kv",
+        exc,
+        where=where,
+        capability="read",
+        path=data_path,
+        policy="reditus-sidecar.hcl",
+        mount=mount,
+        kv_path=path,
     )
 
 

@@ -9,6 +9,7 @@ nothing puts one into a message: Vault's own error text is scrubbed of them.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from ..config import VaultSettings
 from ..errors import SecretUnavailable
 from ..names import PREFIX
 from ..redact import Redacted
+from .vault_bounds import status_error
 from .vault_client import VaultHTTPError, VaultLoginRefused, VaultTransport
 
 MAX_CREDENTIAL_BYTES = 64 * 1024
@@ -39,11 +41,15 @@ class TokenState:
     def expires_at(self) -> float | None:
         return self.granted_at + self.ttl if self.ttl > 0 else None
 
-    def expiry_wall_time(self) -> float:
+    def expiry_wall_time(
+        self,
+        monotonic: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+    ) -> float:
         """Unix time of expiry for the gauge; 0 when the token never expires."""
         if self.ttl <= 0:
             return 0.0
-        return time.time() + (self.granted_at + self.ttl - time.monotonic())
+        return wall() + (self.granted_at + self.ttl - monotonic())
 
 
 def read_credential(path: Path, what: str, variable: str) -> str:
@@ -71,8 +77,11 @@ def read_credential(path: Path, what: str, variable: str) -> str:
 class Authenticator:
     """Logs in with one configured method; `login` returns a token and its raw auth data."""
 
-    def __init__(self, settings: VaultSettings) -> None:
+    def __init__(
+        self, settings: VaultSettings, monotonic: Callable[[], float] = time.monotonic
+    ) -> None:
         self.settings = settings
+        self._monotonic = monotonic
         self.method = settings.auth
         self.mount = settings.auth_mount
         self._held: list[str] = []  # credentials of the current login, for scrubbing only
@@ -183,7 +192,7 @@ class Authenticator:
         self, transport: VaultTransport, token: str, auth: dict[str, Any] | None
     ) -> TokenState:
         """lookup-self for TTL and renewability; the login answer is the fallback."""
-        now = time.monotonic()
+        now = self._monotonic()
         try:
             response = await transport.call(_lookup_self, token=token)
             data = (response.get("data") if isinstance(response, dict) else None) or {}
@@ -206,19 +215,20 @@ class Authenticator:
                 "auth needs VAULT_ADDR to be an https:// address of Vault itself (a TLS-"
                 "terminating proxy in between hides the client certificate)"
             )
-        if exc.status in (400, 401, 403):
-            what = "the token" if self.method == "token" else f"the {self.method} login"
-            return VaultLoginRefused(
-                f"Vault refused {what} (HTTP {exc.status} on {where}: {said}): {self.hint()}"
-            )
-        if exc.status == 404 or "no handler for route" in said:
-            return VaultLoginRefused(
-                f"no {self.method} auth method at auth/{self.mount} (HTTP {exc.status}): check "
-                f"{PREFIX}VAULT_AUTH_MOUNT"
-            )
-        return SecretUnavailable(
-            f"Vault answered HTTP {exc.status} to the {self.method} login ({said})",
-            retry_after=exc.retry_after,
+        return status_error(
+            "login",
+            exc,
+            # Vault's "no handler for route": no auth method there, whatever the status
+            status=404
+            if exc.status not in (400, 401, 403) and "no handler for route" in said
+            else None,
+            scrub=self._held,
+            where=where,
+            what="the token" if self.method == "token" else f"the {self.method} login",
+            hint=self.hint(),
+            method=self.method,
+            mount=self.mount,
+            prefix=PREFIX,
         )
 
 
@@ -226,7 +236,11 @@ def _lookup_self(client: hvac.Client) -> Any:
     return client.auth.token.lookup_self()
 
 
-async def renew(transport: VaultTransport, state: TokenState) -> TokenState:
+async def renew(
+    transport: VaultTransport,
+    state: TokenState,
+    monotonic: Callable[[], float] = time.monotonic,
+) -> TokenState:
     """Renew the token; `capped` when Vault granted less than asked (max TTL near)."""
     token = state.token.reveal()
     increment = max(1, state.increment)
@@ -239,7 +253,7 @@ async def renew(transport: VaultTransport, state: TokenState) -> TokenState:
         state.token,
         bool(auth.get("renewable", state.renewable)),
         ttl,
-        time.monotonic(),
+        monotonic(),
         state.increment,
         capped=ttl < increment,
     )

@@ -1,4 +1,5 @@
-"""The bounds on one Vault call: its total deadline, and the size of its answer.
+"""The bounds on one Vault call (its total deadline, the size of its answer), and what its
+failure means (the errors, and one table from an HTTP status to the operator's error).
 
 Whatever answers at VAULT_ADDR is not trusted to be small or quick: the transport adapters
 read every answer themselves, at most `MAX_ANSWER_BYTES` of it, and each call has a total
@@ -7,23 +8,35 @@ dripped a byte at a time can hold memory, a thread or a connection past the call
 
 `VaultTransport` (vault_client) mounts the adapters, makes a `Deadline` per call, and runs
 the call's worker thread `working_for` it.
+
+The errors the Vault code raises, the transport's table from hvac's exceptions back to the
+HTTP status (hvac drops it), and the one table from a status to the operator's error for
+each kind of call (a KV read, a transit HMAC, a login).
+
+A row names the error class and its message; the message is a `str.format` template over
+`where` (the call's own description), `status`, `said` (Vault's text, scrubbed) and the
+fields the call passes (a mount, a path, an auth method, a hint).
 """
 
 from __future__ import annotations
 
 import contextlib
+import email.utils
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import hvac.exceptions
 import requests
 import requests.adapters
 import urllib3
 import urllib3.connection
 import urllib3.exceptions
 
+from ..errors import SecretUnavailable, SourceError, VaultAuthError
 from .vault_tls import TLSAdapter
 
 # The largest answer read from Vault. What the sidecar asks for is a few KiB at most (a KV
@@ -250,3 +263,171 @@ def working_for(deadline: Deadline) -> Iterator[None]:
     finally:
         deadline.finish()
         _CALL.deadline = None
+
+
+# --- what a failed call means -------------------------------------------------------
+
+MAX_VAULT_MESSAGE = 200
+
+
+class VaultUnreachable(SecretUnavailable):
+    """No HTTP answer from Vault: connection refused, DNS, timeout."""
+
+
+class VaultTimeout(VaultUnreachable):
+    """Vault did not answer within the bound."""
+
+
+class VaultTLSError(SecretUnavailable):
+    """The TLS handshake with Vault failed (usually an untrusted certificate)."""
+
+
+class VaultAnswerTooLarge(SecretUnavailable):
+    """The answer was larger than `MAX_ANSWER_BYTES`: refused, the rest left unread."""
+
+
+class VaultLoginRefused(VaultAuthError):
+    """Vault refused our credentials at login."""
+
+
+class VaultPermissionDenied(VaultAuthError):
+    """Vault accepted our token but its policies do not allow the read."""
+
+
+@dataclass
+class VaultHTTPError(Exception):
+    """Vault answered with an error status; what hvac knew plus the headers it drops."""
+
+    status: int
+    errors: list[str]
+    retry_after: float | None
+    body: Any
+
+    @property
+    def unavailable(self) -> bool:
+        """Vault (or what is in front of it) cannot answer now: rate limited, sealed,
+        failing over. Whatever we hold (a token) is still good; retry later."""
+        return self.status == 429 or self.status >= 500
+
+    def said(self, scrub: Iterable[str] = ()) -> str:
+        """Vault's own error text, shortened and with any credential we hold masked."""
+        text = "; ".join(e for e in self.errors if isinstance(e, str)) or "no error text"
+        if text.lstrip().startswith("<"):
+            # Not Vault's JSON: an HTML page from a proxy or load balancer in front of it.
+            text = f"an HTML page, not a Vault answer (a proxy or load balancer said {self.status})"
+        for value in scrub:
+            if value:
+                text = text.replace(value, "********")
+        text = " ".join(text.split())
+        return text[:MAX_VAULT_MESSAGE] + ("..." if len(text) > MAX_VAULT_MESSAGE else "")
+
+
+#: The transport's row: hvac's exception for a status, back to the status (the response
+#: hook records the real one; this is the fallback when it did not run).
+HVAC_STATUS: dict[type[hvac.exceptions.VaultError], int] = {
+    hvac.exceptions.InvalidRequest: 400,
+    hvac.exceptions.Unauthorized: 401,
+    hvac.exceptions.Forbidden: 403,
+    hvac.exceptions.InvalidPath: 404,
+    hvac.exceptions.PreconditionFailed: 412,
+    hvac.exceptions.RateLimitExceeded: 429,
+    hvac.exceptions.InternalServerError: 500,
+    hvac.exceptions.VaultNotInitialized: 501,
+    hvac.exceptions.BadGateway: 502,
+    hvac.exceptions.VaultDown: 503,
+}
+
+
+@dataclass(frozen=True)
+class Meaning:
+    """One row: the error a status raises for a kind of call, and what it says."""
+
+    error: type[SourceError]
+    text: str
+    retry: bool = True  # the error carries Vault's Retry-After
+
+
+ANY = 0  # the row for every status a kind of call does not name
+
+_DENIED = (
+    "{where}: permission denied (HTTP 403): the token's policies must allow "
+    '"{capability}" on path "{path}" (see deploy/vault/{policy})'
+)
+_ANSWERED = Meaning(SecretUnavailable, "{where}: Vault answered HTTP {status} ({said})")
+_LOGIN_REFUSED = Meaning(
+    VaultLoginRefused, "Vault refused {what} (HTTP {status} on {where}: {said}): {hint}", False
+)
+_HMAC_REFUSED = Meaning(
+    SecretUnavailable,
+    "{where}: Vault refused the HMAC (HTTP {status}: {said}): check "
+    "REDITUS_SIDECAR_TRANSIT_MOUNT ({mount!r}) and REDITUS_SIDECAR_TRANSIT_KEY ({key!r}), "
+    "and that the key has type hmac",
+)
+
+#: status -> meaning, per kind of call ("kv", "transit", "login").
+STATUS_ERRORS: dict[str, dict[int, Meaning]] = {
+    "kv": {
+        403: Meaning(VaultPermissionDenied, _DENIED, False),
+        404: Meaning(
+            SecretUnavailable,
+            "{where}: no secret there (HTTP 404): check REDITUS_SIDECAR_KV_MOUNT ({mount!r}), "
+            "REDITUS_SIDECAR_KV_PATH ({kv_path!r}) and that {mount}/ is a KV version 2 mount",
+            False,
+        ),
+        429: Meaning(SecretUnavailable, "{where}: Vault is rate limiting us (HTTP 429)"),
+        503: Meaning(
+            SecretUnavailable,
+            "{where}: Vault is unavailable (HTTP 503: {said}): sealed, in standby or overloaded",
+        ),
+        ANY: _ANSWERED,
+    },
+    "transit": {
+        403: Meaning(VaultPermissionDenied, _DENIED, False),
+        400: _HMAC_REFUSED,
+        404: _HMAC_REFUSED,
+        ANY: _ANSWERED,
+    },
+    "login": {
+        400: _LOGIN_REFUSED,
+        401: _LOGIN_REFUSED,
+        403: _LOGIN_REFUSED,
+        404: Meaning(
+            VaultLoginRefused,
+            "no {method} auth method at auth/{mount} (HTTP {status}): check "
+            "{prefix}VAULT_AUTH_MOUNT",
+            False,
+        ),
+        ANY: Meaning(
+            SecretUnavailable, "Vault answered HTTP {status} to the {method} login ({said})"
+        ),
+    },
+}
+
+
+def status_error(
+    kind: str,
+    exc: VaultHTTPError,
+    *,
+    status: int | None = None,
+    scrub: Iterable[str] = (),
+    **fields: Any,
+) -> SourceError:
+    """The operator's error for `exc` on a `kind` call (`status` overrides the row)."""
+    rows = STATUS_ERRORS[kind]
+    meaning = rows.get(exc.status if status is None else status) or rows[ANY]
+    text = meaning.text.format(status=exc.status, said=exc.said(scrub), **fields)
+    return meaning.error(text, retry_after=exc.retry_after if meaning.retry else None)
+
+
+def parse_retry_after(value: str | None, wall: Callable[[], float] = time.time) -> float | None:
+    """Seconds from a Retry-After header (delta-seconds or an HTTP date)."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - wall())

@@ -16,15 +16,12 @@ from __future__ import annotations
 
 import asyncio
 import datetime
-import email.utils
 import logging
 import re
 import ssl
 import threading
-import time
 import urllib.parse
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import hvac
@@ -34,98 +31,45 @@ import requests.utils
 
 from ..blocking import start_in_thread
 from ..config import VaultSettings
-from ..errors import ConfigError, SecretUnavailable, SourceError, VaultAuthError
+from ..errors import ConfigError, SecretUnavailable, SourceError
 from .vault_bounds import (
+    HVAC_STATUS,
     MAX_ANSWER_BYTES,
     AnswerTooLarge,
     BoundedAdapter,
     BoundedTLSAdapter,
     Deadline,
+    VaultAnswerTooLarge,
+    VaultHTTPError,
+    VaultLoginRefused,
+    VaultPermissionDenied,
+    VaultTimeout,
+    VaultTLSError,
+    VaultUnreachable,
+    parse_retry_after,
     working_for,
 )
 from .vault_tls import ClientPair, PairError, Signature, build_context, ca_bundle, signature
 
 log = logging.getLogger(__name__)
 
+# The errors live with the status table (vault_errors); they are imported from here too.
+__all__ = [
+    "VaultAnswerTooLarge",
+    "VaultHTTPError",
+    "VaultLoginRefused",
+    "VaultPermissionDenied",
+    "VaultTLSError",
+    "VaultTimeout",
+    "VaultTransport",
+    "VaultUnreachable",
+    "parse_retry_after",
+]
+
 T = TypeVar("T")
 
 # Extra time the event loop grants a call beyond the HTTP timeout before giving up on it.
 CALL_GRACE = 0.5
-MAX_VAULT_MESSAGE = 200
-
-
-class VaultUnreachable(SecretUnavailable):
-    """No HTTP answer from Vault: connection refused, DNS, timeout."""
-
-
-class VaultTimeout(VaultUnreachable):
-    """Vault did not answer within the bound."""
-
-
-class VaultTLSError(SecretUnavailable):
-    """The TLS handshake with Vault failed (usually an untrusted certificate)."""
-
-
-class VaultAnswerTooLarge(SecretUnavailable):
-    """The answer was larger than `MAX_ANSWER_BYTES`: refused, the rest left unread."""
-
-
-class VaultLoginRefused(VaultAuthError):
-    """Vault refused our credentials at login."""
-
-
-class VaultPermissionDenied(VaultAuthError):
-    """Vault accepted our token but its policies do not allow the read."""
-
-
-@dataclass
-class VaultHTTPError(Exception):
-    """Vault answered with an error status; what hvac knew plus the headers it drops."""
-
-    status: int
-    errors: list[str]
-    retry_after: float | None
-    body: Any
-
-    def said(self, scrub: Iterable[str] = ()) -> str:
-        """Vault's own error text, shortened and with any credential we hold masked."""
-        text = "; ".join(e for e in self.errors if isinstance(e, str)) or "no error text"
-        if text.lstrip().startswith("<"):
-            # Not Vault's JSON: an HTML page from a proxy or load balancer in front of it.
-            text = f"an HTML page, not a Vault answer (a proxy or load balancer said {self.status})"
-        for value in scrub:
-            if value:
-                text = text.replace(value, "********")
-        text = " ".join(text.split())
-        return text[:MAX_VAULT_MESSAGE] + ("..." if len(text) > MAX_VAULT_MESSAGE else "")
-
-
-_STATUS = {
-    hvac.exceptions.InvalidRequest: 400,
-    hvac.exceptions.Unauthorized: 401,
-    hvac.exceptions.Forbidden: 403,
-    hvac.exceptions.InvalidPath: 404,
-    hvac.exceptions.PreconditionFailed: 412,
-    hvac.exceptions.RateLimitExceeded: 429,
-    hvac.exceptions.InternalServerError: 500,
-    hvac.exceptions.VaultNotInitialized: 501,
-    hvac.exceptions.BadGateway: 502,
-    hvac.exceptions.VaultDown: 503,
-}
-
-
-def parse_retry_after(value: str | None) -> float | None:
-    """Seconds from a Retry-After header (delta-seconds or an HTTP date)."""
-    if not value:
-        return None
-    value = value.strip()
-    if value.isdigit():
-        return float(value)
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - time.time())
 
 
 class VaultTransport:
@@ -255,7 +199,7 @@ class VaultTransport:
                 raise ValueError(result.headers.get("Content-Type"))
             return result
         except hvac.exceptions.VaultError as exc:
-            status = getattr(self._local, "status", None) or _STATUS.get(type(exc), 0)
+            status = getattr(self._local, "status", None) or HVAC_STATUS.get(type(exc), 0)
             errors = exc.errors if isinstance(exc.errors, list) else [str(exc.args[0] or "")]
             raise VaultHTTPError(
                 status=int(status),
