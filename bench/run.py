@@ -123,6 +123,18 @@ def bare(loop: str) -> Iterator[Server]:
         server.stop()
 
 
+@contextlib.contextmanager
+def lean() -> Iterator[Server]:
+    """The lean reference: a hand-written aiohttp handler doing the sidecar's essential work."""
+    port = common.free_port()
+    args = [PYTHON, str(common.BENCH / "targets" / "lean.py"), str(port), "uvloop"]
+    server = common.start("lean-aiohttp", args, common.clean_env(), f"http://127.0.0.1:{port}")
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
 ASYNCIO_LAUNCHER = [PYTHON, str(common.BENCH / "targets" / "sidecar_asyncio.py")]
 TARGETS: dict[str, tuple[str, Target]] = {
     "sidecar-file": (
@@ -144,6 +156,11 @@ TARGETS: dict[str, tuple[str, Target]] = {
     ),
     "express-jose": ("Express 5 + jose (the guide's route), Node", express_jose),
     "vault-transit": ("aiohttp app + OpenBao transit HMAC per token", vault_transit),
+    "lean-aiohttp": (
+        "hand-written aiohttp handler: header checks, strict JSON, userId rules, HS512, two "
+        "metric updates, uvloop (the request path's target)",
+        lean,
+    ),
     "bare-uvloop": ("bare aiohttp, no signing, uvloop", lambda: bare("uvloop")),
     "bare-asyncio": ("bare aiohttp, no signing, plain asyncio", lambda: bare("asyncio")),
 }
