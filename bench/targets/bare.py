@@ -6,10 +6,10 @@ no validation, no signing, no metrics. What the sidecar's own work is measured a
 
 from __future__ import annotations
 
-import asyncio
 import sys
 
 from aiohttp import web
+from serving import serve  # bench/targets/, beside this script
 
 # A real response, so both send the same number of bytes.
 BODY = (
@@ -24,21 +24,5 @@ async def handle(request: web.Request) -> web.Response:
     return web.Response(body=BODY, content_type="application/json")
 
 
-async def main(port: int) -> None:
-    app = web.Application()
-    app.router.add_post("/v1/token", handle)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    await asyncio.Event().wait()
-
-
 if __name__ == "__main__":
-    port, loop = int(sys.argv[1]), (sys.argv[2] if len(sys.argv) > 2 else "asyncio")
-    factory = None
-    if loop == "uvloop":
-        import uvloop
-
-        factory = uvloop.new_event_loop
-    with asyncio.Runner(loop_factory=factory) as runner:
-        runner.run(main(port))
+    serve(handle, int(sys.argv[1]), sys.argv[2] if len(sys.argv) > 2 else "asyncio")

@@ -8,7 +8,6 @@ issued counter and the latency histogram). What the sidecar's request path is he
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import hashlib
 import hmac
@@ -19,6 +18,7 @@ import time
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Histogram
+from serving import serve  # bench/targets/, beside this script
 
 SECRET = b"bench-secret-0123456789abcdef-0123456789abcdef"
 PRODUCT_ID = "prod-bench"
@@ -81,24 +81,9 @@ async def handle(request: web.Request) -> web.Response:
     token = signing_input + b"." + base64.urlsafe_b64encode(mac.digest()).rstrip(b"=")
     ISSUED.inc()
     LATENCY.observe(time.perf_counter() - started)
-    return web.json_response({"token": token.decode(), "productId": PRODUCT_ID, "issuedAt": iat})
-
-
-async def main(port: int) -> None:
-    app = web.Application()
-    app.router.add_post("/v1/token", handle)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    await asyncio.Event().wait()
+    answer = {"token": token.decode(), "productId": PRODUCT_ID, "issuedAt": iat}
+    return web.Response(body=json.dumps(answer).encode(), content_type="application/json")
 
 
 if __name__ == "__main__":
-    port, loop = int(sys.argv[1]), (sys.argv[2] if len(sys.argv) > 2 else "uvloop")
-    factory = None
-    if loop == "uvloop":
-        import uvloop
-
-        factory = uvloop.new_event_loop
-    with asyncio.Runner(loop_factory=factory) as runner:
-        runner.run(main(port))
+    serve(handle, int(sys.argv[1]), sys.argv[2] if len(sys.argv) > 2 else "uvloop")
