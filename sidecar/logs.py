@@ -50,14 +50,21 @@ QUEUE_LIMIT = 10_000  # log lines waiting for stdout; beyond it they are dropped
 FLUSH_TIMEOUT = 2.0  # at exit, how long queued lines get to reach stdout
 
 
+def _stdout_fd() -> int | None:
+    """Descriptor 1 as sys.stdout names it; None when a test's capture replaced it."""
+    try:
+        return sys.stdout.fileno()
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
 def write_stdout(text: str) -> None:
     """Write whole lines to stdout between log records; raises OSError as the stream does.
     Blocks while stdout does: call it from a thread, never from the event loop."""
     data = text.encode("utf-8", "backslashreplace")
     with STDOUT_LOCK:
-        try:
-            fd = sys.stdout.fileno()
-        except (AttributeError, ValueError, OSError):  # replaced by a test's capture
+        fd = _stdout_fd()
+        if fd is None:
             sys.stdout.write(text)
             sys.stdout.flush()
             return
@@ -99,22 +106,24 @@ class QueuedStdoutHandler(logging.Handler):
         atomically once poll says it is writable). Lines then reach stdout in the order they
         were logged, as a plain handler writes them; only a stuck stdout defers them."""
         data = line.encode("utf-8", "backslashreplace")
-        if len(data) > select.PIPE_BUF or self._lines.unfinished_tasks:
+        if len(data) > select.PIPE_BUF or self._behind():
             return False
         if not STDOUT_LOCK.acquire(blocking=False):
             return False
         try:
-            if self._lines.unfinished_tasks:  # queued meanwhile: keep the order
+            fd = _stdout_fd()
+            if fd is None or self._behind():  # queued meanwhile: keep the order
                 return False
             try:
-                fd = sys.stdout.fileno()
-                if not select.select([], [fd], [], 0)[1]:
-                    return False
-                return os.write(fd, data) == len(data)
-            except (AttributeError, ValueError, OSError):  # a test's capture, or no stdout
+                return bool(select.select([], [fd], [], 0)[1]) and os.write(fd, data) == len(data)
+            except OSError:
                 return False
         finally:
             STDOUT_LOCK.release()
+
+    def _behind(self) -> bool:
+        """Lines are queued, or dropped lines not yet reported: the writer speaks first."""
+        return bool(self._lines.unfinished_tasks) or self._dropped != self._reported
 
     def _drain(self) -> None:
         while True:

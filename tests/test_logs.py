@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import queue
 import sys
 
 import pytest
@@ -81,3 +82,29 @@ def test_a_stuck_stdout_drops_lines_counted_and_never_blocks_the_logger(
     assert kept == sorted(kept)
     assert lines[0]["count"] + len(kept) == 50
     assert len(kept) >= 10  # the queue's worth, and what the writer had taken before
+
+
+@pytest.mark.parametrize("behind", ["nothing", "a queued line", "dropped lines"])
+def test_a_line_is_written_at_once_only_when_nothing_must_come_before_it(
+    monkeypatch: pytest.MonkeyPatch, behind: str
+) -> None:
+    """The writer thread is parked on a queue of its own, so only the handler's direct write
+    can reach the pipe: it does when stdout is free and nothing waits ahead of the line; a
+    queued line or an unreported drop keeps the order by queueing this one too."""
+    read_end, write_end = os.pipe()
+    os.set_blocking(read_end, False)
+    monkeypatch.setattr(sys, "stdout", os.fdopen(write_end, "w"))
+    handler = logs.QueuedStdoutHandler()
+    handler.setFormatter(TextFormatter())
+    handler._lines = queue.Queue()  # the writer keeps waiting on the queue it started with
+    if behind == "a queued line":
+        handler._lines.put("earlier\n")
+    elif behind == "dropped lines":
+        handler._dropped = 3
+    handler.emit(record("now"))
+    try:
+        written = os.read(read_end, 4096)
+    except BlockingIOError:
+        written = b""
+    assert written == (b"warning sidecar.x: now\n" if behind == "nothing" else b"")
+    os.close(read_end)
