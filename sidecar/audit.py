@@ -336,7 +336,6 @@ class AuditLog:
         except Exception:  # a bug of ours: the thread must live, no request may wait forever
             log.exception("audit records could not be formatted")
             lines = []
-            error = "format"
         if lines:
             self._writing, self._writing_since = len(lines), time.monotonic()
             try:

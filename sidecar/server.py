@@ -179,7 +179,6 @@ async def serve(settings: Settings, *, stop: asyncio.Event | None = None) -> int
     registry = CollectorRegistry()
     metrics = Metrics(registry, names, __version__)
     store = SecretStore(names, max_staleness=settings.max_staleness)
-    metrics.track_readiness(store.ready)
     sources = build_sources(settings, metrics)
     freshness: Freshness
     if settings.transit is not None:
@@ -208,6 +207,12 @@ async def serve(settings: Settings, *, stop: asyncio.Event | None = None) -> int
     def audit_stuck() -> bool:
         """Failing closed, a hung audit target stops every token: not ready."""
         return audit is not None and audit.fail_closed and audit.stuck
+
+    def ready() -> bool:
+        """What `/readyz`, the ready gauge and systemd's READY=1 all say."""
+        return store.ready() and not audit_stuck()
+
+    metrics.track_readiness(ready)
 
     runners: dict[str, web.AppRunner] = {}
     handlers: list[TokenHandler] = []
@@ -285,12 +290,8 @@ async def serve(settings: Settings, *, stop: asyncio.Event | None = None) -> int
     notifier = Notifier(os.environ)
     informing = None
     if notifier.enabled:
-
-        def usable() -> bool:
-            return store.ready() and not audit_stuck()
-
         informing = loop.create_task(
-            keep_systemd_informed(notifier, usable, lambda: _status_line(store, usable())),
+            keep_systemd_informed(notifier, ready, lambda: _status_line(store, ready())),
             name="systemd-notify",
         )
     if passed is not None and (passed.tcp is not None or passed.unix is not None):

@@ -455,6 +455,7 @@ def test_failing_closed_a_stuck_writer_refuses_in_bounded_time_and_is_not_ready(
         with pytest.raises(urllib.error.HTTPError) as refused:
             urllib.request.urlopen(sidecar.metrics_url + "/readyz", timeout=5)  # noqa: S310
         assert json.loads(refused.value.read())["audit"] == "stuck"
+        assert scrape_value(sidecar.metrics_url, "reditus_sidecar_ready") == 0  # says the same
         wait_http(sidecar.metrics_url + "/healthz", timeout=5, proc=sidecar.proc)
         sidecar.proc.send_signal(signal.SIGTERM)
         assert sidecar.proc.wait(20) == 0
