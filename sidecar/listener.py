@@ -352,30 +352,33 @@ class Listener:
             if not members:
                 del self._buckets[bucket]
 
-    async def start_tcp(self, host: str, port: int, *, identify: bool = False) -> None:
-        """Listen on TCP; `identify` looks each peer's uid up (inet_diag, once per connection),
-        as do per-caller limits."""
+    async def start_tcp(
+        self,
+        host: str | None = None,
+        port: int | None = None,
+        *,
+        sock: socket.socket | None = None,
+        identify: bool = False,
+    ) -> None:
+        """Listen on TCP at host:port, or on `sock`, bound already (systemd passed it);
+        `identify` looks each peer's uid up (inet_diag, once per connection), as do
+        per-caller limits."""
         loop = asyncio.get_running_loop()
         self.identify = identify or self.limits.caller_share is not None
-        self._server = await loop.create_server(
-            self._protocol, host, port, backlog=self.limits.backlog, reuse_address=True
-        )
+        backlog = self.limits.backlog
+        if sock is None:
+            self._server = await loop.create_server(
+                self._protocol, host, port, backlog=backlog, reuse_address=True
+            )
+        else:
+            sock.setblocking(False)
+            self._server = await loop.create_server(self._protocol, sock=sock, backlog=backlog)
 
     async def start_socket(self, sock: socket.socket) -> None:
         """Serve on a socket bound and listening already (the unix socket)."""
         loop = asyncio.get_running_loop()
         self.identify = True
         self._server = await loop.create_unix_server(self._protocol, sock=sock)
-
-    async def start_passed(self, sock: socket.socket, *, identify: bool) -> None:
-        """Serve on a TCP socket systemd bound and passed (socket activation); peers are
-        identified as on a socket of our own."""
-        loop = asyncio.get_running_loop()
-        self.identify = identify or self.limits.caller_share is not None
-        sock.setblocking(False)
-        self._server = await loop.create_server(
-            self._protocol, sock=sock, backlog=self.limits.backlog
-        )
 
     @property
     def address(self) -> str:

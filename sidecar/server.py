@@ -253,7 +253,7 @@ async def serve(settings: Settings, *, stop: asyncio.Event | None = None) -> int
             sock, own_socket = bind_unix_socket(settings.unix_socket)
             await listeners["signing_unix"].start_socket(sock)
         if passed is not None and passed.ops is not None:
-            await ops.start_passed(passed.ops, identify=False)
+            await ops.start_tcp(sock=passed.ops)
         else:
             await ops.start_tcp(settings.metrics_listen.host, settings.metrics_listen.port)
     except OSError as exc:
@@ -299,7 +299,7 @@ async def serve(settings: Settings, *, stop: asyncio.Event | None = None) -> int
         # a token rather than a 503, if the secret loads within ACTIVATION_WAIT.
         await _until_ready(store, stop, ACTIVATION_WAIT)
         if passed.tcp is not None:
-            await listeners["signing"].start_passed(passed.tcp, identify=identify)
+            await listeners["signing"].start_tcp(sock=passed.tcp, identify=identify)
         if passed.unix is not None:
             await listeners["signing_unix"].start_socket(passed.unix)
     try:
