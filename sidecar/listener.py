@@ -353,26 +353,22 @@ class Listener:
                 del self._buckets[bucket]
 
     async def start_tcp(
-        self,
-        host: str | None = None,
-        port: int | None = None,
-        *,
-        sock: socket.socket | None = None,
-        identify: bool = False,
+        self, where: tuple[str, int] | socket.socket, *, identify: bool = False
     ) -> None:
-        """Listen on TCP at host:port, or on `sock`, bound already (systemd passed it);
+        """Listen on TCP at (host, port), or on a socket bound already (systemd passed it);
         `identify` looks each peer's uid up (inet_diag, once per connection), as do
         per-caller limits."""
         loop = asyncio.get_running_loop()
         self.identify = identify or self.limits.caller_share is not None
         backlog = self.limits.backlog
-        if sock is None:
+        if isinstance(where, socket.socket):
+            where.setblocking(False)
+            self._server = await loop.create_server(self._protocol, sock=where, backlog=backlog)
+        else:
+            host, port = where
             self._server = await loop.create_server(
                 self._protocol, host, port, backlog=backlog, reuse_address=True
             )
-        else:
-            sock.setblocking(False)
-            self._server = await loop.create_server(self._protocol, sock=sock, backlog=backlog)
 
     async def start_socket(self, sock: socket.socket) -> None:
         """Serve on a socket bound and listening already (the unix socket)."""

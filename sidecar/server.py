@@ -247,15 +247,15 @@ async def serve(settings: Settings, *, stop: asyncio.Event | None = None) -> int
     try:
         if settings.listen is not None:
             await listeners["signing"].start_tcp(
-                settings.listen.host, settings.listen.port, identify=identify
+                (settings.listen.host, settings.listen.port), identify=identify
             )
         if settings.unix_socket is not None:
             sock, own_socket = bind_unix_socket(settings.unix_socket)
             await listeners["signing_unix"].start_socket(sock)
         if passed is not None and passed.ops is not None:
-            await ops.start_tcp(sock=passed.ops)
+            await ops.start_tcp(passed.ops)
         else:
-            await ops.start_tcp(settings.metrics_listen.host, settings.metrics_listen.port)
+            await ops.start_tcp((settings.metrics_listen.host, settings.metrics_listen.port))
     except OSError as exc:
         log.error("cannot listen", extra={"error": str(exc)})
         for listener in [*listeners.values(), ops]:
@@ -299,7 +299,7 @@ async def serve(settings: Settings, *, stop: asyncio.Event | None = None) -> int
         # a token rather than a 503, if the secret loads within ACTIVATION_WAIT.
         await _until_ready(store, stop, ACTIVATION_WAIT)
         if passed.tcp is not None:
-            await listeners["signing"].start_tcp(sock=passed.tcp, identify=identify)
+            await listeners["signing"].start_tcp(passed.tcp, identify=identify)
         if passed.unix is not None:
             await listeners["signing_unix"].start_socket(passed.unix)
     try:

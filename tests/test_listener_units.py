@@ -83,7 +83,7 @@ async def serving(
     await runner.setup()
     metrics = Metrics(registry or CollectorRegistry(), [], "test")
     listener = Listener("test", runner, limits, metrics)
-    await listener.start_tcp("127.0.0.1", 0)
+    await listener.start_tcp(("127.0.0.1", 0))
     host, port = listener.address.removeprefix("http://").split(":")
     try:
         yield listener, host, int(port)
@@ -755,9 +755,9 @@ async def test_tcp_peers_are_identified_only_when_asked() -> None:
         await runner.setup()
         listener = Listener("test", runner, OPS_LIMITS, Metrics(CollectorRegistry(), [], "t"))
         if identify is None:
-            await listener.start_tcp("127.0.0.1", 0)
+            await listener.start_tcp(("127.0.0.1", 0))
         else:
-            await listener.start_tcp("127.0.0.1", 0, identify=identify)
+            await listener.start_tcp(("127.0.0.1", 0), identify=identify)
         host, port = listener.address.removeprefix("http://").split(":")
         try:
             answer = await exchange(host, int(port), get())
@@ -815,7 +815,7 @@ async def test_ipv6_addresses_are_bracketed() -> None:
     await runner.setup()
     listener = Listener("v6", runner, OPS_LIMITS, Metrics(CollectorRegistry(), [], "t"))
     try:
-        await listener.start_tcp("::1", 0)
+        await listener.start_tcp(("::1", 0))
     except OSError:
         await runner.cleanup()
         pytest.skip("no IPv6 loopback")

@@ -110,7 +110,7 @@ async def test_a_handler_bug_is_a_json_500_and_logged_without_the_request(
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     listener = Listener("ops", runner, OPS_LIMITS, Metrics(CollectorRegistry(), [], "test"))
-    await listener.start_tcp("127.0.0.1", 0)
+    await listener.start_tcp(("127.0.0.1", 0))
     host, port = listener.address.removeprefix("http://").split(":")
     try:
         reader, writer = await asyncio.open_connection(host, int(port))
