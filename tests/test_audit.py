@@ -88,7 +88,8 @@ def test_records_name_caller_product_and_version_and_never_the_token(tmp_path: P
             )
             assert status == 200
             eventually(lambda: len(records(audit_file)) == 2, what="two audit records")
-            assert scrape_value(sidecar.metrics_url, WRITTEN) == 2
+            # counted once the write returned, a moment after the lines are in the file
+            eventually(lambda: scrape_value(sidecar.metrics_url, WRITTEN) == 2, what="counted")
             # A rotated secret shows as a new version in the records that follow.
             write_secret(sidecar.secret_file, secret=TEST_SECRET + "-rotated")  # type: ignore[arg-type]
 
